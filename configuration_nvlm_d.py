@@ -1,0 +1,1 @@
+nvlm_d/configuration_nvlm_d.py

@@ -1,0 +1,1 @@
+nvlm_d/conversation.py

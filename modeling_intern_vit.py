@@ -1,0 +1,1 @@
+nvlm_d/modeling_intern_vit.py

@@ -1,0 +1,1 @@
+nvlm_d/modeling_nvlm_d.py

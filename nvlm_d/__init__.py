@@ -1,0 +1,1 @@
+"""NVLM-D-72B for Hugging Face transformers."""

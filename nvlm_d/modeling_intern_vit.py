@@ -1,0 +1,255 @@
+"""InternViT-6B as NVLM-D-72B stores it: 45 pre-norm blocks with QK-norm and layer-scale, attention padded with
+dummy heads, no final norm.
+
+The dummy heads (7 in NVLM's checkpoint) widen q, k and v from 25 to 32 heads of 128 channels. The QK-RMSNorm
+of the reference normalises all 32 heads of a token jointly, with the variance taken over the 25 real heads
+only, so that the padding never changes the real heads; every attention path here computes that same function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from timm.layers import DropPath
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
+
+from .configuration_nvlm_d import InternVisionConfig
+
+logger = logging.get_logger(__name__)
+
+
+class InternRMSNorm(nn.Module):
+    """RMSNorm whose variance may be read from the first `variance_size` channels only.
+
+    The QK-norm is 4096 wide (32 padded heads) but its variance covers the 3200 real channels: the released
+    checkpoint was made by padding a 25-head model, and this keeps its output unchanged.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, variance_size: int | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+        self.variance_size = variance_size or hidden_size
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states[..., : self.variance_size].pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, variance_size={self.variance_size}"
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's attention, operation for operation: q is scaled before the product and the softmax runs
+    in the working dtype (bf16 for a bf16 model), as NVLM-D's published numbers were computed."""
+    attn_weights = torch.matmul(query * scaling, key.transpose(-2, -1))
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class InternVisionEmbeddings(nn.Module):
+    """Patch embedding of a tile, a class token in front, and learned absolute positions (not interpolated:
+    tiles are always `image_size` square)."""
+
+    def __init__(self, config: InternVisionConfig) -> None:
+        super().__init__()
+        self.embed_dim = config.hidden_size
+        self.image_size = config.image_size
+        self.patch_size = config.patch_size
+        self.class_embedding = nn.Parameter(torch.randn(1, 1, self.embed_dim))
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, self.embed_dim, kernel_size=self.patch_size, stride=self.patch_size
+        )
+        self.num_patches = (self.image_size // self.patch_size) ** 2
+        self.position_embedding = nn.Parameter(torch.randn(1, self.num_patches + 1, self.embed_dim))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        target_dtype = self.patch_embedding.weight.dtype
+        patch_embeds = self.patch_embedding(pixel_values.to(target_dtype))  # [tiles, width, grid, grid]
+        patch_embeds = patch_embeds.flatten(2).transpose(1, 2)  # [tiles, grid * grid, width], row-major
+        class_embeds = self.class_embedding.expand(patch_embeds.shape[0], 1, -1).to(target_dtype)
+        embeddings = torch.cat([class_embeds, patch_embeds], dim=1)
+        return embeddings + self.position_embedding.to(target_dtype)
+
+
+class InternAttention(nn.Module):
+    """Bidirectional multi-head attention over a tile's tokens, with heads padded by `num_dummy_heads`.
+
+    `qkv` rows hold q, k and v blocks of `(heads + dummy heads) * head_dim` rows each, real heads first.
+    """
+
+    def __init__(self, config: InternVisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads + config.num_dummy_heads
+        self.padded_dim = self.num_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.is_causal = False
+        self.attention_dropout = config.attention_dropout
+
+        self.qkv = nn.Linear(self.embed_dim, 3 * self.padded_dim, bias=config.qkv_bias)
+        self.qk_normalization = config.qk_normalization
+        if self.qk_normalization:
+            self.q_norm = InternRMSNorm(self.padded_dim, config.layer_norm_eps, variance_size=self.embed_dim)
+            self.k_norm = InternRMSNorm(self.padded_dim, config.layer_norm_eps, variance_size=self.embed_dim)
+        self.proj = nn.Linear(self.padded_dim, self.embed_dim)
+        self.proj_drop = nn.Dropout(config.dropout)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, seq_len, _ = hidden_states.shape
+        query, key, value = self.qkv(hidden_states).chunk(3, dim=-1)  # each [tiles, tokens, padded_dim]
+        if self.qk_normalization:
+            query, key = self.q_norm(query), self.k_norm(key)
+
+        head_shape = (batch_size, seq_len, self.num_heads, self.head_dim)
+        query, key, value = (t.reshape(head_shape).transpose(1, 2) for t in (query, key, value))
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            None,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scale,
+            is_causal=False,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(batch_size, seq_len, self.padded_dim)
+        return self.proj_drop(self.proj(attn_output)), attn_weights
+
+
+class InternMLP(nn.Module):
+    def __init__(self, config: InternVisionConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+class InternVisionEncoderLayer(GradientCheckpointingLayer):
+    """norm -> attention -> layer-scale -> drop-path -> residual, then the same with the MLP."""
+
+    def __init__(self, config: InternVisionConfig, drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = InternRMSNorm(config.hidden_size, config.layer_norm_eps)
+        self.attn = InternAttention(config)
+        self.ls1 = nn.Parameter(config.initializer_factor * torch.ones(config.hidden_size))
+        self.norm2 = InternRMSNorm(config.hidden_size, config.layer_norm_eps)
+        self.mlp = InternMLP(config)
+        self.ls2 = nn.Parameter(config.initializer_factor * torch.ones(config.hidden_size))
+        self.drop_path1 = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        self.drop_path2 = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        hidden_states = hidden_states + self.drop_path1(self.attn(self.norm1(hidden_states), **kwargs)[0] * self.ls1)
+        hidden_states = hidden_states + self.drop_path2(self.mlp(self.norm2(hidden_states)) * self.ls2)
+        return hidden_states
+
+
+class InternVisionEncoder(nn.Module):
+    def __init__(self, config: InternVisionConfig) -> None:
+        super().__init__()
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.layers = nn.ModuleList([InternVisionEncoderLayer(config, rate) for rate in rates])
+        self.gradient_checkpointing = False
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_hidden_states: bool = False, **kwargs
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, **kwargs)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        return hidden_states, all_hidden_states
+
+
+class InternVisionPreTrainedModel(PreTrainedModel):
+    config_class = InternVisionConfig
+    config: InternVisionConfig
+    base_model_prefix = "vision_model"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["InternVisionEncoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, InternVisionEmbeddings):
+            init.normal_(module.class_embedding, std=std)
+            init.normal_(module.position_embedding, std=std)
+        elif isinstance(module, InternVisionEncoderLayer):
+            init.constant_(module.ls1, self.config.initializer_factor)
+            init.constant_(module.ls2, self.config.initializer_factor)
+
+
+class InternVisionModel(InternVisionPreTrainedModel):
+    """Embeddings and encoder only: NVLM-D has no final norm and no pooling layer; `pooler_output` is the
+    class token of the last hidden state."""
+
+    def __init__(self, config: InternVisionConfig) -> None:
+        super().__init__(config)
+        self.embeddings = InternVisionEmbeddings(config)
+        self.encoder = InternVisionEncoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embedding
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """`pixel_values` [tiles, 3, image_size, image_size] -> last hidden state [tiles, 1 + patches, width];
+        `hidden_states` (when asked for) holds the embeddings and each layer's output."""
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        embeddings = self.embeddings(pixel_values)
+        last_hidden_state, hidden_states = self.encoder(embeddings, output_hidden_states=output_hidden_states, **kwargs)
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state,
+            pooler_output=last_hidden_state[:, 0, :],
+            hidden_states=hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
