@@ -1,0 +1,199 @@
+"""Numerics against implementations we did not write: transformers' own InternVL holding the same weights, and the
+reference's formulas written out here (the dummy-head QK-norm and the pixel shuffle)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+from nvlm_d.tiny import build_tiny_model, zero_dummy_heads_
+
+IMAGE_TOKEN = 151654
+RTOL = 1e-4
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def internvl_config_for(model) -> InternVLConfig:
+    """The InternVL config of the same architecture. transformers' projector maps to the decoder's hidden size
+    (NVLM's to its intermediate size), so the tiny model is built with the two equal."""
+    vision, llm = model.config.vision_config, model.config.llm_config
+    return InternVLConfig(
+        vision_config={
+            "hidden_size": vision.hidden_size,
+            "num_hidden_layers": vision.num_hidden_layers,
+            "num_attention_heads": vision.num_attention_heads,
+            "intermediate_size": vision.intermediate_size,
+            "attention_bias": vision.qkv_bias,
+            "use_qk_norm": vision.qk_normalization,
+            "norm_type": vision.norm_type,
+            "layer_norm_eps": vision.layer_norm_eps,
+            "image_size": vision.image_size,
+            "patch_size": vision.patch_size,
+            "hidden_act": vision.hidden_act,
+            "use_mean_pooling": True,  # no final norm, as in NVLM
+        },
+        text_config=llm.to_dict(),
+        image_token_id=IMAGE_TOKEN,
+        downsample_ratio=model.config.downsample_ratio,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+
+
+def internvl_state_dict(model) -> dict[str, torch.Tensor]:
+    """NVLM's tensors under InternVL's names (the renames of transformers' InternVL converter), with the padded
+    attention cut back to the real heads: q, k and v start at rows 0, P and 2P of the padded qkv."""
+    vision = model.config.vision_config
+    real = vision.hidden_size
+    padded = (vision.num_attention_heads + vision.num_dummy_heads) * vision.head_dim
+    renames = [
+        (r"^vision_model\.", "model.vision_tower."),
+        (r"\.encoder\.layers\.", ".encoder.layer."),
+        (r"embeddings\.class_embedding", "embeddings.cls_token"),
+        (r"embeddings\.position_embedding", "embeddings.position_embeddings"),
+        (r"embeddings\.patch_embedding", "embeddings.patch_embeddings.projection"),
+        (r"\.ls(\d)$", r".lambda_\1"),
+        (r"\.attn\.proj\.", ".attention.projection_layer."),
+        (r"\.attn\.", ".attention."),
+        (r"\.norm1\.", ".layernorm_before."),
+        (r"\.norm2\.", ".layernorm_after."),
+        (r"^mlp1\.0\.", "model.multi_modal_projector.layer_norm."),
+        (r"^mlp1\.1\.", "model.multi_modal_projector.linear_1."),
+        (r"^mlp1\.3\.", "model.multi_modal_projector.linear_2."),
+        (r"^language_model\.model\.", "model.language_model."),
+        (r"^language_model\.lm_head\.", "lm_head."),
+    ]
+    converted = {}
+    for name, tensor in model.state_dict().items():
+        for pattern, replacement in renames:
+            name = re.sub(pattern, replacement, name)
+        if name.endswith("attention.qkv.weight"):
+            prefix = name[: -len("qkv.weight")]
+            for block, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+                converted[f"{prefix}{proj}.weight"] = tensor[block * padded : block * padded + real]
+        elif name.endswith(("q_norm.weight", "k_norm.weight")):
+            converted[name] = tensor[:real]
+        elif name.endswith("projection_layer.weight"):
+            converted[name] = tensor[:, :real]
+        else:
+            converted[name] = tensor
+    return converted
+
+
+@pytest.fixture(scope="module")
+def models():
+    ours = zero_dummy_heads_(build_tiny_model(seed=3, llm_config={"intermediate_size": 64}))
+    theirs = InternVLForConditionalGeneration(internvl_config_for(ours)).eval()
+    weights = internvl_state_dict(ours)
+    projector_biases = {k: torch.zeros_like(v) for k, v in theirs.state_dict().items() if k not in weights}
+    assert sorted(projector_biases) == [
+        "model.multi_modal_projector.linear_1.bias",
+        "model.multi_modal_projector.linear_2.bias",
+    ]
+    theirs.load_state_dict({**weights, **projector_biases}, strict=True)
+    return ours, theirs
+
+
+@pytest.fixture(scope="module")
+def pixel_values():
+    return torch.randn(2, 3, 448, 448, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_image_features_match_transformers_internvl(models, pixel_values, attn):
+    ours, theirs = models
+    ours.config._attn_implementation = theirs.config._attn_implementation = attn
+    with torch.no_grad():
+        expected = theirs.model.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=-1, vision_feature_select_strategy="default"
+        ).pooler_output
+        actual = ours.extract_feature(pixel_values)
+    assert relative_error(actual, expected) < RTOL
+
+
+def test_logits_match_transformers_internvl(models, pixel_values):
+    ours, theirs = models
+    input_ids = torch.tensor([[151644, 872, 198] + [IMAGE_TOKEN] * 512 + [9707, 1879, 151645]])
+    with torch.no_grad():
+        expected = theirs(pixel_values=pixel_values, input_ids=input_ids).logits
+        actual = ours(pixel_values=pixel_values, input_ids=input_ids).logits
+    assert relative_error(actual, expected) < RTOL
+
+
+def reference_attention(attn, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The reference InternAttention written out: all heads of a token share one QK-RMSNorm whose variance is the
+    mean square of the first `hidden_size` channels; q is scaled, then softmax over keys, then `proj`."""
+    tokens, width = hidden_states.shape[1], attn.embed_dim
+    heads, head_dim, eps = attn.num_heads, attn.head_dim, attn.q_norm.variance_epsilon
+    q, k, v = (hidden_states @ attn.qkv.weight.T).chunk(3, dim=-1)
+
+    def qk_norm(x, weight):
+        variance = x[..., :width].pow(2).sum(-1, keepdim=True) / width
+        return weight * (x / torch.sqrt(variance + eps))
+
+    q, k = qk_norm(q, attn.q_norm.weight), qk_norm(k, attn.k_norm.weight)
+    q, k, v = (x.reshape(-1, tokens, heads, head_dim).transpose(1, 2) for x in (q, k, v))
+    weights = torch.softmax((q * head_dim**-0.5) @ k.transpose(-1, -2), dim=-1)
+    merged = (weights @ v).transpose(1, 2).reshape(-1, tokens, heads * head_dim)
+    return merged @ attn.proj.weight.T + attn.proj.bias
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_attention_with_live_dummy_heads_matches_the_reference_formula(attn_implementation):
+    model = build_tiny_model(seed=5)  # dummy heads random, not zero: they take part in the math
+    model.config._attn_implementation = attn_implementation
+    attn = model.vision_model.encoder.layers[0].attn
+    hidden_states = torch.randn(2, 1025, attn.embed_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        actual = attn(hidden_states)[0]
+        expected = reference_attention(attn.double(), hidden_states.double())
+    assert relative_error(actual, expected) < RTOL
+
+
+def test_qk_norm_variance_ignores_the_dummy_channels():
+    attn = build_tiny_model(seed=5).vision_model.encoder.layers[0].attn
+    x = torch.randn(1, 3, attn.padded_dim)
+    loud_dummies = x.clone()
+    loud_dummies[..., attn.embed_dim :] *= 1000
+    with torch.no_grad():
+        torch.testing.assert_close(attn.q_norm(x)[..., : attn.embed_dim], attn.q_norm(loud_dummies)[..., : attn.embed_dim])
+
+
+def test_eager_and_sdpa_give_the_same_logits():
+    model = build_tiny_model(seed=7)
+    pixel_values = torch.randn(1, 3, 448, 448)
+    input_ids = torch.tensor([[151644, 872, 198] + [IMAGE_TOKEN] * 256 + [9707]])
+    with torch.no_grad():
+        model.config._attn_implementation = "eager"
+        eager = model(pixel_values=pixel_values, input_ids=input_ids).logits
+        model.config._attn_implementation = "sdpa"
+        sdpa = model(pixel_values=pixel_values, input_ids=input_ids).logits
+    assert relative_error(sdpa, eager) < RTOL
+
+
+def shuffled_cell(grid: torch.Tensor, row: int, col: int) -> torch.Tensor:
+    """Output cell (row, col) of the 0.5 pixel shuffle: the 2x2 input block it covers, concatenated in the order
+    top-left, top-right, bottom-left, bottom-right."""
+    r, c = 2 * row, 2 * col
+    return torch.cat([grid[r, c], grid[r, c + 1], grid[r + 1, c], grid[r + 1, c + 1]])
+
+
+@pytest.mark.parametrize("ps_version", ["v1", "v2"])
+def test_pixel_shuffle_follows_the_formula(ps_version):
+    model = build_tiny_model(ps_version=ps_version)
+    x = torch.randn(2, 32, 32, 5)
+    out = model.pixel_shuffle(x, scale_factor=0.5)
+    assert tuple(out.shape) == (2, 16, 16, 20)
+    for tile in range(2):
+        for row, col in [(0, 0), (0, 1), (3, 7), (15, 2), (15, 15)]:
+            # v2 keeps the grid row-major; v1 leaves it transposed
+            cell = out[tile, row, col] if ps_version == "v2" else out[tile, col, row]
+            torch.testing.assert_close(cell, shuffled_cell(x[tile], row, col), rtol=0, atol=0)

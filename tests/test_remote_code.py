@@ -1,0 +1,110 @@
+"""`save_pretrained` writes a self-contained model directory that loads through `trust_remote_code` alone, as the
+Hub repo does, in a process where the `nvlm_d` package cannot be imported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from nvlm_d.tiny import build_tiny_model
+
+REMOTE_CODE_FILES = ("configuration_nvlm_d.py", "modeling_nvlm_d.py", "modeling_intern_vit.py", "conversation.py")
+
+# Makes `import nvlm_d` fail, so the subprocess can only use the code inside the model directory.
+BLOCK_NVLM_D = textwrap.dedent(
+    """
+    import sys
+
+    class _BlockNvlmD:
+        def find_spec(self, name, path=None, target=None):
+            if name == "nvlm_d" or name.startswith("nvlm_d."):
+                raise ImportError("nvlm_d is blocked in this process")
+
+    sys.meta_path.insert(0, _BlockNvlmD())
+    try:
+        import nvlm_d
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("nvlm_d is importable")
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def saved_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_saved")
+    build_tiny_model(seed=11).save_pretrained(directory)
+    return directory
+
+
+def run_isolated(code: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCK_NVLM_D + textwrap.dedent(code)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def test_saved_directory_is_self_contained(saved_dir):
+    config = json.loads((saved_dir / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_nvlm_d.NVLM_D_Config",
+        "AutoModel": "modeling_nvlm_d.NVLM_D_Model",
+        "AutoModelForCausalLM": "modeling_nvlm_d.NVLM_D_Model",
+    }
+    for name in REMOTE_CODE_FILES:
+        assert (saved_dir / name).is_file(), name
+    assert (saved_dir / "model.safetensors").is_file()
+    assert not list(saved_dir.glob("*.bin"))
+
+
+def test_checkpoint_loads_with_the_model_card_arguments_without_the_package(saved_dir):
+    output = run_isolated(
+        f"""
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(
+            {str(saved_dir)!r}, torch_dtype=torch.bfloat16, low_cpu_mem_usage=True, use_flash_attn=False,
+            trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+        saved = load_file({str(saved_dir / "model.safetensors")!r})
+        state = model.state_dict()
+        assert sorted(state) == sorted(saved), set(state) ^ set(saved)
+        for name, tensor in saved.items():
+            assert state[name].dtype == torch.bfloat16, (name, state[name].dtype)
+            assert torch.equal(state[name], tensor.to(torch.bfloat16)), name
+        print("loaded", len(saved), "tensors")
+        """
+    )
+    assert "loaded" in output
+
+
+def test_remote_model_gives_the_logits_of_the_package_model(saved_dir, tmp_path):
+    import torch
+
+    model = build_tiny_model(seed=11)
+    input_ids = torch.tensor([[151644, 872, 198] + [151654] * 256 + [9707, 1879]])
+    pixel_values = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(2))
+    torch.save({"input_ids": input_ids, "pixel_values": pixel_values}, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        expected = model(pixel_values=pixel_values, input_ids=input_ids).logits
+    run_isolated(
+        f"""
+        import torch
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained({str(saved_dir)!r}, trust_remote_code=True).eval()
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+        with torch.no_grad():
+            logits = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"]).logits
+        torch.save(logits, {str(tmp_path / "logits.pt")!r})
+        """
+    )
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected)
