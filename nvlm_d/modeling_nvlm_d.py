@@ -9,6 +9,7 @@ follow the embedding layer, image features follow the embeddings they replace, s
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,11 +45,11 @@ def _apply_use_flash_attn(config: NVLM_D_Config, use_flash_attn: bool | None) ->
 
 
 def _generation_kwargs(generation_config: dict | GenerationConfig | None) -> dict[str, Any]:
-    """A fresh dict of generation settings: the caller's dict or GenerationConfig is never modified."""
+    """Keyword arguments for `generate`, in a fresh dict: the caller's dict or GenerationConfig is never modified."""
     if generation_config is None:
         return {}
     if isinstance(generation_config, GenerationConfig):
-        return generation_config.to_diff_dict()
+        return {"generation_config": copy.deepcopy(generation_config)}
     if isinstance(generation_config, dict):
         return dict(generation_config)
     raise TypeError(f"generation_config must be a dict or a GenerationConfig, got {type(generation_config).__name__}")

@@ -1,4 +1,5 @@
-"""Shared fixtures: where the reference facts live, and the repository root as a model directory."""
+"""Shared fixtures: where the reference facts live, the repository root as a model directory, and a tiny
+checkpoint that goes through the real save/load path."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from nvlm_d.tiny import save_tiny_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_DIR = Path(os.environ.get("NVLM_D_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference"))
@@ -22,3 +27,20 @@ def reference_dir() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A seeded tiny NVLM-D saved as a self-contained model directory (remote code, safetensors, tokenizer)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_checkpoint):
+    return AutoTokenizer.from_pretrained(tiny_checkpoint, trust_remote_code=True, use_fast=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    """The tiny checkpoint loaded through `trust_remote_code`, in float32, as a user would load it."""
+    return AutoModel.from_pretrained(tiny_checkpoint, trust_remote_code=True, dtype=torch.float32).eval()
