@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import logging
 import math
+import re
 
 import torch
+from accelerate.utils import CustomDtype, compute_module_sizes, convert_file_size_to_int, infer_auto_device_map
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import PreTrainedConfig
+
+from .configuration_nvlm_d import NVLM_D_Config
+from .modeling_nvlm_d import NVLM_D_Model
 
 # Modules that stay on GPU 0 beside the vision tower: the decoder's input and output ends, so that image features,
 # embeddings, the final norm and the logits never cross devices, and the rotary embedding every layer reads.
@@ -55,3 +66,244 @@ def split_model(num_gpus: int | None = None, num_layers: int = 80) -> dict[str, 
         device_map[name] = 0
     device_map[f"language_model.model.layers.{num_layers - 1}"] = 0
     return device_map
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A weight-free memory planner
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Bytes a decoder weight takes in memory. bitsandbytes quantizes the decoder's linear layers only; the vision tower,
+# the projector and the LM head stay in bf16 (see nvlm_d.quantization). Quantization scales (about 1/64 of the
+# int4 weights) are left out, as transformers' own planning does.
+WEIGHT_BYTES = {"bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5}
+QUANTIZED_MODULES = r"^language_model\.model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$"
+CUDA_OVERHEAD_BYTES = 1 << 30  # CUDA context, cuBLAS workspaces and allocator slack, per GPU
+GIB = 1 << 30
+DECODER_LAYER = r"^language_model\.model\.layers\.(\d+)\."
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuUsage:
+    """What one GPU holds under a plan, in bytes."""
+
+    index: int
+    decoder_layers: list[int]
+    other_modules: list[str]
+    weight_bytes: int
+    kv_cache_bytes: int
+    activation_bytes: int
+    capacity_bytes: int
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity_bytes - self.weight_bytes - self.kv_cache_bytes - self.activation_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class DevicePlan:
+    """A device map for `from_pretrained(device_map=...)` and what it leaves on each GPU."""
+
+    device_map: dict[str, int | str]
+    gpus: list[GpuUsage]
+    dtype: str
+    context: int
+    batch: int
+
+    @property
+    def fits(self) -> bool:
+        on_gpus = all(isinstance(device, int) for device in self.device_map.values())
+        return on_gpus and all(gpu.free_bytes >= 0 for gpu in self.gpus)
+
+
+def parse_memory(size: int | str) -> int:
+    """Bytes from an int or a string such as `80GiB`, `141GB` or `512MiB`.
+
+    Raises:
+        ValueError: not a positive size with a unit.
+    """
+    try:
+        value = convert_file_size_to_int(size)
+    except (ValueError, AttributeError, TypeError):
+        value = -1
+    if value <= 0:
+        raise ValueError(f"memory must be a positive size such as '80GiB' or '141GB', got {size!r}")
+    return value
+
+
+def kv_cache_bytes_per_layer(llm_config: PreTrainedConfig, context: int, batch: int, element_bytes: int = 2) -> int:
+    """K and V of one decoder layer for `batch` sequences of `context` tokens (Qwen2-72B: 8 KV heads x 128)."""
+    head_dim = getattr(llm_config, "head_dim", None) or llm_config.hidden_size // llm_config.num_attention_heads
+    return 2 * llm_config.num_key_value_heads * head_dim * context * batch * element_bytes
+
+
+def vision_activation_bytes(config: NVLM_D_Config, tiles: int, element_bytes: int = 2) -> int:
+    """Peak activations of the vision tower and projector on `tiles` tiles with SDPA (no score matrix): one
+    layer's input, q/k/v, and the MLP's two intermediates; then the projector's hidden layer."""
+    vision, llm = config.vision_config, config.llm_config
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    padded = (vision.num_attention_heads + vision.num_dummy_heads) * vision.head_dim
+    per_token = 4 * vision.hidden_size + 3 * padded + 2 * vision.intermediate_size
+    projector = tiles * config.num_image_token * 2 * llm.intermediate_size
+    return (tiles * tokens * per_token + projector) * element_bytes
+
+
+def decoder_activation_bytes(llm_config: PreTrainedConfig, context: int, batch: int, element_bytes: int = 2) -> int:
+    """Peak activations of one decoder layer during the prefill of `batch` x `context` tokens with SDPA: the
+    residual stream and its norm, q/k/v/o, and the MLP's gate, up and product."""
+    per_token = 6 * llm_config.hidden_size + 3 * llm_config.intermediate_size
+    return batch * context * per_token * element_bytes
+
+
+def build_meta_model(config: NVLM_D_Config | None = None) -> nn.Module:
+    """NVLM-D (the 72B by default) on the meta device: shapes and names, no memory."""
+    with init_empty_weights():
+        return NVLM_D_Model(config if config is not None else NVLM_D_Config())
+
+
+def _special_dtypes(model: nn.Module, dtype: str) -> dict[str, torch.dtype | CustomDtype]:
+    if dtype not in ("int8", "int4"):
+        return {}
+    quantized = torch.int8 if dtype == "int8" else CustomDtype.INT4
+    return {name: quantized for name, _ in model.named_parameters() if re.match(QUANTIZED_MODULES, name)}
+
+
+def _device_of(name: str, device_map: dict[str, int | str]) -> int | str:
+    """The device of a tensor or module: that of its longest prefix in the map ("" covers everything)."""
+    while name not in device_map:
+        name = name.rpartition(".")[0]
+    return device_map[name]
+
+
+def _usage(
+    model: nn.Module,
+    device_map: dict[str, int | str],
+    tensor_bytes: dict[str, int],
+    reserve: list[int],
+    kv_per_layer: int,
+    capacity: int,
+) -> list[GpuUsage]:
+    tensors = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
+    usage = []
+    for index, activation in enumerate(reserve):
+        on_gpu = [name for name in tensors if _device_of(name, device_map) == index]
+        layers = sorted({int(m.group(1)) for name in on_gpu if (m := re.match(DECODER_LAYER, name))})
+        usage.append(
+            GpuUsage(
+                index=index,
+                decoder_layers=layers,
+                other_modules=[m for m in FIRST_GPU_MODULES if _device_of(m, device_map) == index],
+                weight_bytes=int(sum(tensor_bytes[name] for name in on_gpu)),
+                kv_cache_bytes=kv_per_layer * len(layers),
+                activation_bytes=activation,
+                capacity_bytes=capacity,
+            )
+        )
+    return usage
+
+
+@contextlib.contextmanager
+def _quiet_accelerate():
+    """Planning is for GPUs this machine may not have: silence accelerate's 'Device N is not available'."""
+    accelerate_logger = logging.getLogger("accelerate.utils.modeling")
+    level = accelerate_logger.level
+    accelerate_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        accelerate_logger.setLevel(level)
+
+
+def plan_device_map(
+    num_gpus: int,
+    gpu_memory: int | str = "80GiB",
+    dtype: str = "bf16",
+    context: int = 8192,
+    batch: int = 1,
+    tiles: int = 13,
+    model: nn.Module | None = None,
+) -> DevicePlan:
+    """Place NVLM-D on `num_gpus` GPUs of `gpu_memory` each, without loading any weight.
+
+    accelerate's `infer_auto_device_map` places the modules (never splitting a decoder layer or the vision tower)
+    within what each GPU has left after its reserve: the KV cache of its decoder layers for `batch` x `context`
+    tokens, the prefill activations of one decoder layer, the vision tower's activations on `tiles` tiles (on the
+    GPU that holds it) and 1 GiB of CUDA overhead. The KV reserve depends on the layers placed, so placement is
+    repeated until it settles.
+
+    Args:
+        num_gpus: GPUs to plan for.
+        gpu_memory: memory of each GPU (`80GiB`, `141GB`, bytes).
+        dtype: `bf16`, `fp16`, `int8` or `int4` (bitsandbytes on the decoder's linear layers).
+        context: tokens per sequence (prompt and answer) to reserve KV cache for.
+        batch: sequences decoded together.
+        tiles: the most image tiles one forward pass encodes (12 + thumbnail by default).
+        model: the model on the meta device (`build_meta_model()`, the 72B, by default).
+
+    Raises:
+        ValueError: a non-positive count, size, context or batch, or an unknown dtype.
+    """
+    for name, value in (("num_gpus", num_gpus), ("context", context), ("batch", batch), ("tiles", tiles)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if dtype not in WEIGHT_BYTES:
+        raise ValueError(f"dtype must be one of {sorted(WEIGHT_BYTES)}, got {dtype!r}")
+    capacity = parse_memory(gpu_memory)
+    model = model if model is not None else build_meta_model()
+    config = model.config
+    element_dtype = torch.float16 if dtype == "fp16" else torch.bfloat16
+    special = _special_dtypes(model, dtype)
+    sizes = compute_module_sizes(model, dtype=element_dtype, special_dtypes=special)
+    kv_per_layer = kv_cache_bytes_per_layer(config.llm_config, context, batch)
+    num_layers = config.llm_config.num_hidden_layers
+    decoder_reserve = decoder_activation_bytes(config.llm_config, context, batch) + CUDA_OVERHEAD_BYTES
+    reserve = [decoder_reserve + (vision_activation_bytes(config, tiles) if i == 0 else 0) for i in range(num_gpus)]
+
+    layers_on = [math.ceil(num_layers / num_gpus)] * num_gpus
+    for _ in range(10):
+        budgets = {i: capacity - reserve[i] - kv_per_layer * layers_on[i] for i in range(num_gpus)}
+        budgets = {i: max(budget, 0) for i, budget in budgets.items()}
+        with _quiet_accelerate():
+            device_map = dict(
+                infer_auto_device_map(
+                    model,
+                    max_memory=budgets,
+                    no_split_module_classes=list(model._no_split_modules),
+                    dtype=element_dtype,
+                    special_dtypes=special,
+                )
+            )
+        gpus = _usage(model, device_map, sizes, reserve, kv_per_layer, capacity)
+        placed = [len(gpu.decoder_layers) for gpu in gpus]
+        if placed == layers_on:
+            break
+        layers_on = placed
+    return DevicePlan(device_map=device_map, gpus=gpus, dtype=dtype, context=context, batch=batch)
+
+
+def smallest_gpu_count(max_gpus: int = 64, **plan_kwargs) -> DevicePlan | None:
+    """The plan on the fewest GPUs that fits, or None if `max_gpus` are not enough."""
+    model = plan_kwargs.pop("model", None) or build_meta_model()
+    for num_gpus in range(1, max_gpus + 1):
+        plan = plan_device_map(num_gpus, model=model, **plan_kwargs)
+        if plan.fits:
+            return plan
+    return None
+
+
+def format_plan(plan: DevicePlan) -> str:
+    """A per-GPU table: decoder layers, other modules, GiB of weights, KV cache, activations and free memory."""
+    header = f"{'GPU':>3}  {'decoder layers':<16}{'weights':>9}{'KV cache':>10}{'act.+CUDA':>11}{'free':>9}  other modules"
+    lines = [f"dtype {plan.dtype}, context {plan.context} tokens x batch {plan.batch} (GiB)", header]
+    for gpu in plan.gpus:
+        layers = f"{gpu.decoder_layers[0]}-{gpu.decoder_layers[-1]} ({len(gpu.decoder_layers)})" if gpu.decoder_layers else "-"
+        others = ", ".join(name.removeprefix("language_model.") for name in gpu.other_modules) or "-"
+        lines.append(
+            f"{gpu.index:>3}  {layers:<16}{gpu.weight_bytes / GIB:>9.1f}{gpu.kv_cache_bytes / GIB:>10.2f}"
+            f"{gpu.activation_bytes / GIB:>11.2f}{gpu.free_bytes / GIB:>9.1f}  {others}"
+        )
+    offloaded = sorted({str(device) for device in plan.device_map.values() if not isinstance(device, int)})
+    if offloaded:
+        lines.append(f"does not fit: some modules would go to {', '.join(offloaded)}")
+    elif not plan.fits:
+        lines.append("does not fit: a GPU would run out of memory (negative free)")
+    return "\n".join(lines)

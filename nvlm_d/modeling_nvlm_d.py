@@ -83,8 +83,9 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         self.system_message = get_conv_template(config.template).system_message
         self.vision_batch_size: int | None = None
 
+        # Modules in the order data flows through them: accelerate fills devices in this order, so the vision tower
+        # and the projector land beside the decoder's embeddings.
         self.vision_model = vision_model if vision_model is not None else InternVisionModel(config.vision_config)
-        self.language_model = language_model if language_model is not None else Qwen2ForCausalLM(config.llm_config)
         vit_hidden = config.vision_config.hidden_size * round(1 / config.downsample_ratio) ** 2
         llm = config.llm_config
         self.mlp1 = nn.Sequential(
@@ -93,6 +94,7 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
             nn.GELU(),
             nn.Linear(llm.intermediate_size, llm.hidden_size, bias=False),
         )
+        self.language_model = language_model if language_model is not None else Qwen2ForCausalLM(config.llm_config)
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Module:
