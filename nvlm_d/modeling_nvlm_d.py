@@ -71,7 +71,15 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         vision_model: InternVisionModel | None = None,
         language_model: Qwen2ForCausalLM | None = None,
         use_flash_attn: bool | None = None,
+        vision_batch_size: int | None = None,
     ) -> None:
+        """`use_flash_attn` is the model card's switch (flash-attn when installed, else SDPA); an explicit
+        `attn_implementation` wins over it. `vision_batch_size` bounds how many tiles go through the vision tower
+        at once (None: all), trading speed for peak memory; results do not change."""
+        if vision_batch_size is not None and (
+            isinstance(vision_batch_size, bool) or not isinstance(vision_batch_size, int) or vision_batch_size < 1
+        ):
+            raise ValueError(f"vision_batch_size must be a positive int or None, got {vision_batch_size!r}")
         _apply_use_flash_attn(config, use_flash_attn)
         super().__init__(config)
         self.template = config.template
@@ -81,7 +89,7 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         self.num_image_token = config.num_image_token
         self.img_context_token_id = config.image_token_id
         self.system_message = get_conv_template(config.template).system_message
-        self.vision_batch_size: int | None = None
+        self.vision_batch_size = vision_batch_size
 
         # Modules in the order data flows through them: accelerate fills devices in this order, so the vision tower
         # and the projector land beside the decoder's embeddings.
