@@ -3,12 +3,10 @@ reference's formulas written out here (the dummy-head QK-norm and the pixel shuf
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
-from transformers import InternVLConfig, InternVLForConditionalGeneration
 
+from nvlm_d.internvl_twin import internvl_twin
 from nvlm_d.tiny import build_tiny_model, zero_dummy_heads_
 
 IMAGE_TOKEN = 151654
@@ -19,87 +17,10 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
-def internvl_config_for(model) -> InternVLConfig:
-    """The InternVL config of the same architecture. transformers' projector maps to the decoder's hidden size
-    (NVLM's to its intermediate size), so the tiny model is built with the two equal."""
-    vision, llm = model.config.vision_config, model.config.llm_config
-    return InternVLConfig(
-        vision_config={
-            "hidden_size": vision.hidden_size,
-            "num_hidden_layers": vision.num_hidden_layers,
-            "num_attention_heads": vision.num_attention_heads,
-            "intermediate_size": vision.intermediate_size,
-            "attention_bias": vision.qkv_bias,
-            "use_qk_norm": vision.qk_normalization,
-            "norm_type": vision.norm_type,
-            "layer_norm_eps": vision.layer_norm_eps,
-            "image_size": vision.image_size,
-            "patch_size": vision.patch_size,
-            "hidden_act": vision.hidden_act,
-            "use_mean_pooling": True,  # no final norm, as in NVLM
-        },
-        text_config=llm.to_dict(),
-        image_token_id=IMAGE_TOKEN,
-        downsample_ratio=model.config.downsample_ratio,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        tie_word_embeddings=False,
-    )
-
-
-def internvl_state_dict(model) -> dict[str, torch.Tensor]:
-    """NVLM's tensors under InternVL's names (the renames of transformers' InternVL converter), with the padded
-    attention cut back to the real heads: q, k and v start at rows 0, P and 2P of the padded qkv."""
-    vision = model.config.vision_config
-    real = vision.hidden_size
-    padded = (vision.num_attention_heads + vision.num_dummy_heads) * vision.head_dim
-    renames = [
-        (r"^vision_model\.", "model.vision_tower."),
-        (r"\.encoder\.layers\.", ".encoder.layer."),
-        (r"embeddings\.class_embedding", "embeddings.cls_token"),
-        (r"embeddings\.position_embedding", "embeddings.position_embeddings"),
-        (r"embeddings\.patch_embedding", "embeddings.patch_embeddings.projection"),
-        (r"\.ls(\d)$", r".lambda_\1"),
-        (r"\.attn\.proj\.", ".attention.projection_layer."),
-        (r"\.attn\.", ".attention."),
-        (r"\.norm1\.", ".layernorm_before."),
-        (r"\.norm2\.", ".layernorm_after."),
-        (r"^mlp1\.0\.", "model.multi_modal_projector.layer_norm."),
-        (r"^mlp1\.1\.", "model.multi_modal_projector.linear_1."),
-        (r"^mlp1\.3\.", "model.multi_modal_projector.linear_2."),
-        (r"^language_model\.model\.", "model.language_model."),
-        (r"^language_model\.lm_head\.", "lm_head."),
-    ]
-    converted = {}
-    for name, tensor in model.state_dict().items():
-        for pattern, replacement in renames:
-            name = re.sub(pattern, replacement, name)
-        if name.endswith("attention.qkv.weight"):
-            prefix = name[: -len("qkv.weight")]
-            for block, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-                converted[f"{prefix}{proj}.weight"] = tensor[block * padded : block * padded + real]
-        elif name.endswith(("q_norm.weight", "k_norm.weight")):
-            converted[name] = tensor[:real]
-        elif name.endswith("projection_layer.weight"):
-            converted[name] = tensor[:, :real]
-        else:
-            converted[name] = tensor
-    return converted
-
-
 @pytest.fixture(scope="module")
 def models():
     ours = zero_dummy_heads_(build_tiny_model(seed=3, llm_config={"intermediate_size": 64}))
-    theirs = InternVLForConditionalGeneration(internvl_config_for(ours)).eval()
-    weights = internvl_state_dict(ours)
-    projector_biases = {k: torch.zeros_like(v) for k, v in theirs.state_dict().items() if k not in weights}
-    assert sorted(projector_biases) == [
-        "model.multi_modal_projector.linear_1.bias",
-        "model.multi_modal_projector.linear_2.bias",
-    ]
-    theirs.load_state_dict({**weights, **projector_biases}, strict=True)
-    return ours, theirs
+    return ours, internvl_twin(ours)
 
 
 @pytest.fixture(scope="module")
