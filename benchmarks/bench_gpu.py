@@ -133,7 +133,7 @@ def main() -> None:
     args = parser.parse_args()
 
     vision = InternVisionConfig()
-    small_vocab = {"vocab_size": 1024, "bos_token_id": None, "eos_token_id": None}  # the LM head is not measured
+    small_vocab = {"vocab_size": 1024, "bos_token_id": None, "eos_token_id": None}  # keeps the LM head negligible: layers are measured
     decoder = Qwen2Config(**{**QWEN2_72B, **small_vocab, "num_hidden_layers": args.decode_layers})
     device = torch.device("cpu" if args.smoke else "cuda")
     if args.smoke:
