@@ -1,0 +1,520 @@
+"""Image preprocessing for NVLM-D-72B: dynamic tiling into 448x448 tiles and ImageNet normalisation.
+
+This is the one implementation of the model card's `build_transform`, `find_closest_aspect_ratio`,
+`dynamic_preprocess` and `load_image`; `load_image`, the CLI and any processor use it.
+`load_image` returns tensors bit-identical (`torch.equal`) to the card's `load_image` (with torch's default
+dtype float32), and it is faster:
+
+* the two resizes the card does one after the other (the whole image to the tile grid, and to the
+  thumbnail) are independent, so they run in two threads (Pillow releases the GIL while resampling);
+* the tiles are never cropped out as PIL images: the resized grid is read once as a uint8 array and every
+  tile is written straight into its slot of the preallocated [N, 3, s, s] output;
+* an RGB input is not copied by `convert("RGB")`;
+* the float conversion and normalisation are vectorised numpy operations, tile by tile, split between
+  the two threads. They are the card's float32 operations in the card's order (see
+  `_normalize_into`), so every value is the same bits. numpy rather than torch because numpy's kernels are
+  single-threaded: torch's OpenMP kernels running next to a busy resize thread (or on a shared machine)
+  wait on each other.
+
+What remains is the floor: decoding the file and the larger of the two resizes.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import BinaryIO, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# As torchvision's Normalize builds them: the Python floats rounded to float32, one per channel.
+_MEAN_F32 = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
+_STD_F32 = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
+
+# Below this many source pixels the resizes take well under a millisecond and a helper thread costs more
+# than it saves.
+_MIN_PIXELS_FOR_THREADS = 1 << 18
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+_CPU_COUNT = _available_cpus()
+
+# What `load_image` accepts (see its docstring).
+ImageInput = Union[str, os.PathLike, Image.Image, bytes, bytearray, memoryview, BinaryIO]
+
+
+class InvalidImageError(OSError):
+    """The input is readable but is not a decodable image: empty, truncated, corrupt or of an unknown format."""
+
+
+class ImageTooLargeError(ValueError, Image.DecompressionBombError):
+    """The image has more than twice `PIL.Image.MAX_IMAGE_PIXELS` pixels (Pillow's decompression-bomb guard).
+
+    A subclass of both `ValueError` and `PIL.Image.DecompressionBombError`.
+    """
+
+
+# --------------------------------------------------------------------------------------------------------
+# Argument checks (public entry points validate; the helpers below them trust their inputs)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an int, got {_type_name(value)} ({value!r})")
+    value = int(value.__index__())  # type: ignore[attr-defined]
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _tile_range(min_num: object, max_num: object) -> tuple[int, int]:
+    min_num = _positive_int("min_num", min_num)
+    max_num = _positive_int("max_num", max_num)
+    if min_num > max_num:
+        raise ValueError(f"min_num ({min_num}) must not exceed max_num ({max_num})")
+    return min_num, max_num
+
+
+def _check_has_pixels(image: Image.Image, name: str) -> None:
+    width, height = image.size
+    if width == 0 or height == 0:
+        raise ValueError(f"{name}: image has no pixels (size {width}x{height})")
+
+
+def _describe_pil(image: Image.Image) -> str:
+    return f"<PIL image, mode {image.mode}>"
+
+
+def _type_name(value: object) -> str:
+    cls = type(value)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Choosing the tile grid
+# --------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _candidate_grids(min_num: int, max_num: int) -> tuple[tuple[int, int], ...]:
+    """The card's `target_ratios`: every (cols, rows) with min_num <= cols*rows <= max_num, in the card's order.
+
+    The card collects the grids in a `set` and stable-sorts it by tile count, so grids with the same tile
+    count keep the set's iteration order ((4, 1), (1, 4), (2, 2) for min_num = max_num = 4). That order
+    matters on an exact tie between two such grids, which the card can reach when min_num > 1 (a 5:2 image
+    with min_num = max_num = 4 is 1.5 from both 4/1 and 2/2). It is reproduced here by inserting the grids into a
+    set in the order the card first inserts them: a set's iteration order depends only on the sequence of
+    distinct insertions (tuple-of-int hashes are not randomised). The card's generator visits (i, j) first
+    at n = max(i, j, min_num), then by i, then by j; this builds the same set in O(#grids), not O(max_num^3).
+
+    With min_num == 1 (as in `load_image`) the order cannot matter: if grids a = i1/j1 < b = i2/j2 with
+    i1*j1 == i2*j2 tie, the grid i1/j2 (fewer tiles, so also a candidate) lies strictly between them, closer.
+    """
+    first_seen = sorted(
+        ((i, j) for i in range(1, max_num + 1) for j in range(1, max_num // i + 1) if i * j >= min_num),
+        key=lambda grid: (max(grid[0], grid[1], min_num), grid[0], grid[1]),
+    )
+    return tuple(sorted(set(first_seen), key=lambda grid: grid[0] * grid[1]))
+
+
+def find_closest_aspect_ratio(
+    aspect_ratio: float,
+    target_ratios: Sequence[tuple[int, int]],
+    width: int,
+    height: int,
+    image_size: int,
+) -> tuple[int, int]:
+    """The card's grid choice: the (cols, rows) in `target_ratios` whose cols/rows is closest to `aspect_ratio`.
+
+    `target_ratios` is scanned in order; a candidate replaces the best so far if |aspect_ratio - cols/rows|
+    is smaller, or exactly equal and the image area width*height exceeds half the candidate grid's area
+    (0.5 * image_size**2 * cols * rows): on a tie, a later (larger) grid wins only for an image big
+    enough to fill it. `height` is unused (kept for the card's signature). Returns (1, 1) if
+    `target_ratios` is empty.
+    """
+    best_diff = float("inf")
+    best = (1, 1)
+    area = width * height
+    for cols, rows in target_ratios:
+        diff = abs(aspect_ratio - cols / rows)
+        if diff < best_diff:
+            best_diff = diff
+            best = (cols, rows)
+        elif diff == best_diff and area > 0.5 * image_size * image_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def _closest_grid(width: int, height: int, min_num: int, max_num: int, image_size: int) -> tuple[int, int]:
+    return find_closest_aspect_ratio(width / height, _candidate_grids(min_num, max_num), width, height, image_size)
+
+
+def select_grid(width: int, height: int, min_num: int = 1, max_num: int = 12, image_size: int = 448) -> tuple[int, int]:
+    """The (cols, rows) tile grid `dynamic_preprocess` (and so `load_image`) uses for a width x height image.
+
+    The card's candidates (every grid with min_num <= cols*rows <= max_num, in the card's order) and its
+    choice (`find_closest_aspect_ratio`). Raises TypeError/ValueError for non-int or non-positive arguments
+    or min_num > max_num.
+    """
+    width, height = _positive_int("width", width), _positive_int("height", height)
+    min_num, max_num = _tile_range(min_num, max_num)
+    return _closest_grid(width, height, min_num, max_num, _positive_int("image_size", image_size))
+
+
+def dynamic_preprocess(
+    image: Image.Image,
+    min_num: int = 1,
+    max_num: int = 12,
+    image_size: int = 448,
+    use_thumbnail: bool = False,
+) -> list[Image.Image]:
+    """Split `image` into a grid of image_size x image_size tiles, exactly as the card's `dynamic_preprocess`.
+
+    The grid (cols, rows), with min_num <= cols*rows <= max_num, is the one whose cols/rows is closest to
+    the image's width/height (ties: see `find_closest_aspect_ratio`). The whole image is resized to
+    (image_size*cols, image_size*rows) with `Image.resize`'s default filter (bicubic; nearest for modes "1"
+    and "P") and cut into tiles in row-major order. With `use_thumbnail` and more than one tile, the whole
+    image resized to image_size x image_size is appended last. The image's mode is kept (no conversion).
+
+    Returns a list of cols*rows PIL images (+1 thumbnail).
+    Raises TypeError if `image` is not a PIL image or a size is not an int; ValueError if a size is < 1,
+    min_num > max_num, or the image has no pixels.
+    """
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL.Image.Image, got {_type_name(image)}")
+    min_num, max_num = _tile_range(min_num, max_num)
+    image_size = _positive_int("image_size", image_size)
+    _check_has_pixels(image, _describe_pil(image))
+
+    cols, rows = _closest_grid(image.size[0], image.size[1], min_num, max_num, image_size)
+    resized = image.resize((image_size * cols, image_size * rows))
+    tiles = []
+    for k in range(cols * rows):
+        left, top = (k % cols) * image_size, (k // cols) * image_size
+        tiles.append(resized.crop((left, top, left + image_size, top + image_size)))
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((image_size, image_size)))
+    return tiles
+
+
+# --------------------------------------------------------------------------------------------------------
+# Pixels to normalised tensors
+# --------------------------------------------------------------------------------------------------------
+
+
+def _normalize_into(out: np.ndarray, pixels: np.ndarray) -> None:
+    """out[...] = ((float32(pixels) / 255) - mean) / std, channel axis -3: torchvision's ToTensor + Normalize.
+
+    ToTensor converts uint8 to float32 (exact) and divides by 255; Normalize subtracts the float32 mean and
+    divides by the float32 std. Each step is one correctly rounded IEEE float32 operation, so doing the same
+    three operations in the same order gives the same bits, whatever the memory layout or library.
+    """
+    np.copyto(out, pixels, casting="unsafe")
+    np.divide(out, np.float32(255), out=out)
+    np.subtract(out, _MEAN_F32, out=out)
+    np.divide(out, _STD_F32, out=out)
+
+
+def _chw(rgb: Image.Image) -> np.ndarray:
+    """An RGB image as a read-only uint8 [3, H, W] view (of one [H, W, 3] copy of its pixels)."""
+    return np.asarray(rgb).transpose(2, 0, 1)
+
+
+class ImageTransform:
+    """The card's `build_transform(input_size)`: PIL image -> float32 tensor [3, input_size, input_size].
+
+    To RGB (`convert("RGB")` unless already RGB), resize to input_size x input_size with bicubic filtering
+    (skipped when already that size), scale to [0, 1] and normalise with the ImageNet mean and std. Equal
+    bit for bit to the card's torchvision pipeline (under torch's default dtype float32; the card follows
+    `torch.get_default_dtype()`, this always returns float32).
+    """
+
+    def __init__(self, input_size: int) -> None:
+        self.input_size = _positive_int("input_size", input_size)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"expected a PIL.Image.Image, got {_type_name(image)}")
+        _check_has_pixels(image, _describe_pil(image))
+        size = self.input_size
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        out = np.empty((3, size, size), dtype=np.float32)
+        _normalize_into(out, _chw(image))
+        return torch.from_numpy(out)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(input_size={self.input_size})"
+
+
+def build_transform(input_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """The card's per-tile transform: a callable PIL image -> float32 tensor [3, input_size, input_size].
+
+    See `ImageTransform`. Raises TypeError/ValueError if `input_size` is not a positive int.
+    """
+    return ImageTransform(input_size)
+
+
+def _tiles_tensor(rgb: Image.Image, image_size: int, max_num: int, *, use_threads: bool) -> torch.Tensor:
+    """`load_image` after decoding: tiles (+ thumbnail) of an RGB image as a float32 [N, 3, s, s] tensor."""
+    s = image_size
+    width, height = rgb.size
+    cols, rows = _closest_grid(width, height, 1, max_num, s)
+    n_tiles = cols * rows
+    with_thumbnail = n_tiles > 1
+    out = np.empty((n_tiles + with_thumbnail, 3, s, s), dtype=np.float32)
+
+    def resize_grid() -> np.ndarray:
+        # [rows, cols, 3, s, s] view of the resized image: tile (r, c) is its [r, c] entry.
+        grid = np.asarray(rgb.resize((s * cols, s * rows)))
+        return grid.reshape(rows, s, cols, s, 3).transpose(0, 2, 4, 1, 3)
+
+    def convert_tiles(grid: np.ndarray, first: int, stop: int) -> None:
+        for k in range(first, stop):
+            _normalize_into(out[k], grid[k // cols, k % cols])
+
+    def make_thumbnail() -> None:
+        _normalize_into(out[n_tiles], _chw(rgb.resize((s, s))))
+
+    if not (use_threads and with_thumbnail and width * height >= _MIN_PIXELS_FOR_THREADS):
+        convert_tiles(resize_grid(), 0, n_tiles)
+        if with_thumbnail:
+            make_thumbnail()
+        return torch.from_numpy(out)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvlm_d-thumbnail") as helper:
+        thumbnail_done = helper.submit(make_thumbnail)
+        grid = resize_grid()  # the larger resize, here while the helper does the thumbnail
+        half = n_tiles // 2
+        first_half_done = helper.submit(convert_tiles, grid, 0, half)
+        convert_tiles(grid, half, n_tiles)
+        thumbnail_done.result()
+        first_half_done.result()
+    return torch.from_numpy(out)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Decoding inputs
+# --------------------------------------------------------------------------------------------------------
+
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+def _is_bad_data(exc: Exception) -> bool:
+    """Whether an exception from Pillow means "bad image data" rather than an I/O failure or lack of memory.
+
+    Pillow's plugins report bad data as OSError without an errno, SyntaxError, ValueError, EOFError,
+    struct.error, zlib.error, IndexError, ...; real I/O errors carry an errno.
+    """
+    if isinstance(exc, MemoryError):
+        return False
+    return not (isinstance(exc, OSError) and exc.errno is not None)
+
+
+def _decode(source: str | bytes | BinaryIO, name: str) -> Image.Image:
+    """Open and fully decode an encoded image (a path, or a binary file object) with `Image.open`.
+
+    A path goes to `Image.open` itself, as in the card, so that Pillow picks plugins the same way (it tries
+    the one for the file's extension first) and closes the file it opened. Pillow's many failure types
+    become InvalidImageError / ImageTooLargeError naming `name`; I/O errors (with an errno) pass through.
+    """
+    try:
+        image = Image.open(source)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        limit = Image.MAX_IMAGE_PIXELS
+        found = _BOMB_PIXELS.search(str(exc))
+        size = f"{int(found.group(1))} pixels" if found else "too many pixels"
+        if isinstance(exc, Image.DecompressionBombError):
+            allowed = f"the limit of {2 * limit} pixels (twice PIL.Image.MAX_IMAGE_PIXELS = {limit})"
+        else:  # the warning, raised because the caller turned warnings into errors
+            allowed = f"PIL.Image.MAX_IMAGE_PIXELS = {limit}"
+        raise ImageTooLargeError(
+            f"{name}: image has {size}, more than {allowed}; refusing a possible decompression bomb. "
+            "Raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted."
+        ) from exc
+    except Image.UnidentifiedImageError as exc:
+        raise InvalidImageError(f"{name}: {_why_unidentified(source)}") from exc
+    except Exception as exc:
+        if not _is_bad_data(exc):
+            raise
+        raise InvalidImageError(f"{name}: cannot read the image header ({type(exc).__name__}: {exc})") from exc
+    with image:  # closes the file if Pillow opened it; the decoded pixels stay
+        try:
+            image.load()
+        except Exception as exc:
+            if not _is_bad_data(exc):
+                raise
+            raise InvalidImageError(
+                f"{name}: cannot decode the {image.format} image data ({type(exc).__name__}: {exc})"
+            ) from exc
+    return image
+
+
+def _why_unidentified(source: str | bytes | BinaryIO) -> str:
+    try:
+        if isinstance(source, (str, bytes)):
+            empty = os.stat(source).st_size == 0
+        else:
+            empty = source.seek(0, io.SEEK_END) == 0
+    except (OSError, ValueError, AttributeError):
+        empty = False
+    return "the file is empty (0 bytes)" if empty else "not an image in a format Pillow can read"
+
+
+def _open_rgb(image: object) -> Image.Image:
+    """Any accepted input -> a decoded RGB PIL image with at least one pixel (the card's `.convert("RGB")`)."""
+    if isinstance(image, Image.Image):
+        name = _describe_pil(image)
+        try:
+            image.load()  # a lazily opened ImageFile decodes here
+        except Exception as exc:
+            if not _is_bad_data(exc):
+                raise
+            raise InvalidImageError(f"{name}: cannot decode the image data ({type(exc).__name__}: {exc})") from exc
+    elif isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        name = repr(path)
+        try:
+            image = _decode(path, name)
+        except FileNotFoundError as exc:
+            if exc.filename != path:
+                raise
+            url = re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", os.fsdecode(path))
+            hint = " (URLs are not downloaded: pass a local path, bytes or a file object)" if url else ""
+            raise FileNotFoundError(exc.errno, f"image file not found{hint}", path) from None
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        name = f"<{memoryview(image).nbytes} bytes>"
+        image = _decode(io.BytesIO(image), name)
+    elif callable(getattr(image, "read", None)):
+        if isinstance(image, io.TextIOBase):
+            raise TypeError(f"image file object {image!r} is in text mode; open it in binary mode ('rb')")
+        file_name = getattr(image, "name", None)
+        name = repr(file_name) if isinstance(file_name, (str, bytes)) else f"<{type(image).__name__} object>"
+        image = _decode(image, name)  # type: ignore[arg-type]
+    else:
+        hint = ""
+        if isinstance(image, (np.ndarray, torch.Tensor)):
+            hint = "; convert an array with PIL.Image.fromarray(...) first"
+        raise TypeError(
+            "image must be a path (str or os.PathLike), a PIL.Image.Image, bytes or a binary file object, "
+            f"got {_type_name(image)}{hint}"
+        )
+
+    _check_has_pixels(image, name)
+    if image.mode == "RGB":
+        return image
+    try:
+        return image.convert("RGB")
+    except ValueError as exc:
+        raise ValueError(f"{name}: cannot convert mode {image.mode!r} to RGB ({exc})") from exc
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public loaders
+# --------------------------------------------------------------------------------------------------------
+
+
+def load_image(image: ImageInput, input_size: int = 448, max_num: int = 12) -> torch.Tensor:
+    """Load an image as NVLM-D's pixel values: float32 tensor [N, 3, input_size, input_size].
+
+    Bit-identical (`torch.equal`) to the card's `load_image(image_file, input_size, max_num)`: the image is
+    decoded and converted to RGB, split by `dynamic_preprocess(min_num=1, max_num, use_thumbnail=True)`
+    (N = cols*rows tiles, row-major, plus a last thumbnail tile when cols*rows > 1) and every tile is
+    normalised with the ImageNet mean/std. Values lie in about [-2.12, 2.64]; cast with `.to(torch.bfloat16)`
+    for the model.
+
+    `image` is one of:
+      * a path (str or os.PathLike) to an image file Pillow can read;
+      * encoded file contents as `bytes`, `bytearray` or `memoryview` (never a path);
+      * a binary file object (anything with `read`; seekable or not);
+      * a `PIL.Image.Image` of any mode, used as `image.convert("RGB")` (not copied if already RGB).
+    The first frame of multi-frame files is used; EXIF orientation is ignored (as in the card).
+
+    Errors:
+      * FileNotFoundError naming the path if it does not exist (other OSErrors from `open` as they are);
+      * InvalidImageError (an OSError) naming the input if it is empty, truncated, corrupt or not an image;
+      * ImageTooLargeError (a ValueError) if a file has more than 2 x `PIL.Image.MAX_IMAGE_PIXELS` pixels.
+        Between 1x and 2x Pillow only warns (`DecompressionBombWarning`) and the image is loaded, as the
+        card does; make that warning an error with `warnings.simplefilter("error", Image.DecompressionBombWarning)`
+        and it is raised as ImageTooLargeError too. PIL images passed in are not checked (already decoded);
+      * TypeError naming the type for any other object (int, None, numpy arrays, text-mode files, ...);
+      * ValueError if the image has no pixels, its mode cannot be converted to RGB, or `input_size` /
+        `max_num` are < 1 (TypeError if they are not ints).
+    """
+    input_size = _positive_int("input_size", input_size)
+    _, max_num = _tile_range(1, max_num)
+    return _tiles_tensor(_open_rgb(image), input_size, max_num, use_threads=_CPU_COUNT > 1)
+
+
+def load_images(
+    images: Iterable[ImageInput],
+    input_size: int = 448,
+    max_num: int = 12,
+    num_workers: int | None = None,
+) -> list[torch.Tensor]:
+    """`load_image` over many images in parallel; returns their tensors in input order.
+
+    Uses up to `num_workers` threads (default: one per available CPU core), each loading whole images one
+    at a time, without `load_image`'s helper thread: the parallelism is across images. `num_workers=1`
+    loads them one after another on the calling thread; a single image with `num_workers > 1` is loaded
+    exactly as `load_image` does (grid and thumbnail resized in two threads). Threads rather than processes:
+    decoding, resizing and the numpy normalisation release the GIL, so threads scale with cores without
+    pickling ~10-30 MB of pixels per image back from a worker process, and inputs need not be picklable.
+
+    Raises what `load_image` raises, for the first failing image in input order (with a note naming its
+    index), after the argument checks: TypeError/ValueError if `num_workers` is not a positive int.
+    """
+    input_size = _positive_int("input_size", input_size)
+    _, max_num = _tile_range(1, max_num)
+    images = list(images)
+    num_workers = _positive_int("num_workers", _CPU_COUNT if num_workers is None else num_workers)
+    helper_thread = num_workers > 1 and len(images) == 1  # the one spare worker helps within the image
+
+    def load(index: int) -> torch.Tensor:
+        try:
+            return _tiles_tensor(_open_rgb(images[index]), input_size, max_num, use_threads=helper_thread)
+        except Exception as exc:
+            if hasattr(exc, "add_note"):  # Python >= 3.11
+                exc.add_note(f"while loading images[{index}]")
+            raise
+
+    if num_workers == 1 or len(images) <= 1:
+        return [load(k) for k in range(len(images))]
+    pool = ThreadPoolExecutor(max_workers=min(num_workers, len(images)), thread_name_prefix="nvlm_d-load")
+    try:
+        return list(pool.map(load, range(len(images))))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageTooLargeError",
+    "ImageTransform",
+    "InvalidImageError",
+    "build_transform",
+    "dynamic_preprocess",
+    "find_closest_aspect_ratio",
+    "load_image",
+    "load_images",
+    "select_grid",
+]
