@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import math
 import re
+import warnings
 
 import torch
 from accelerate.utils import CustomDtype, compute_module_sizes, convert_file_size_to_int, infer_auto_device_map
@@ -208,7 +209,9 @@ def _quiet_accelerate():
     level = accelerate_logger.level
     accelerate_logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # offload-buffer warnings for plans that spill to disk
+            yield
     finally:
         accelerate_logger.setLevel(level)
 
@@ -281,9 +284,13 @@ def plan_device_map(
 
 
 def smallest_gpu_count(max_gpus: int = 64, **plan_kwargs) -> DevicePlan | None:
-    """The plan on the fewest GPUs that fits, or None if `max_gpus` are not enough."""
+    """The plan on the fewest GPUs that fits, or None if `max_gpus` are not enough. Takes the arguments of
+    `plan_device_map` but `num_gpus`."""
     model = plan_kwargs.pop("model", None) or build_meta_model()
-    for num_gpus in range(1, max_gpus + 1):
+    special = _special_dtypes(model, plan_kwargs.get("dtype", "bf16"))
+    weights = compute_module_sizes(model, dtype=torch.bfloat16, special_dtypes=special)[""]
+    fewest = max(1, math.ceil(weights / parse_memory(plan_kwargs.get("gpu_memory", "80GiB"))))
+    for num_gpus in range(fewest, max_gpus + 1):
         plan = plan_device_map(num_gpus, model=model, **plan_kwargs)
         if plan.fits:
             return plan
