@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from timm.layers import DropPath
 from torch import nn
+from torch.nn import functional as F
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -40,11 +41,13 @@ class InternRMSNorm(nn.Module):
         self.variance_size = variance_size or hidden_size
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Normalises `hidden_states`, which may be narrower than the weight (the real heads alone, when the
+        dummy heads are skipped): the weight's leading channels apply."""
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states[..., : self.variance_size].pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        return self.weight[: hidden_states.shape[-1]] * hidden_states.to(input_dtype)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, variance_size={self.variance_size}"
@@ -99,14 +102,23 @@ class InternVisionEmbeddings(nn.Module):
 class InternAttention(nn.Module):
     """Bidirectional multi-head attention over a tile's tokens, with heads padded by `num_dummy_heads`.
 
-    `qkv` rows hold q, k and v blocks of `(heads + dummy heads) * head_dim` rows each, real heads first.
+    `qkv` rows hold q, k and v blocks of `(heads + dummy heads) * head_dim` rows each, real heads first; `proj`
+    columns follow the same order.
+
+    When the dummy heads are silent — their value rows and their `proj` columns all zero, as in the released
+    checkpoint — their output and every gradient through them are exactly zero, so they are skipped: the same
+    function for 22% fewer attention FLOPs (25 heads instead of 32). Whether they are silent is checked once per
+    version of the weights; dummy heads with live weights are always computed.
     """
+
+    skip_silent_dummy_heads = True
 
     def __init__(self, config: InternVisionConfig) -> None:
         super().__init__()
         self.config = config
         self.embed_dim = config.hidden_size
         self.head_dim = config.head_dim
+        self.num_real_heads = config.num_attention_heads
         self.num_heads = config.num_attention_heads + config.num_dummy_heads
         self.padded_dim = self.num_heads * self.head_dim
         self.scale = self.head_dim**-0.5
@@ -120,14 +132,46 @@ class InternAttention(nn.Module):
             self.k_norm = InternRMSNorm(self.padded_dim, config.layer_norm_eps, variance_size=self.embed_dim)
         self.proj = nn.Linear(self.padded_dim, self.embed_dim)
         self.proj_drop = nn.Dropout(config.dropout)
+        self._silence: tuple[tuple, bool] = ((), False)  # (weights' identity and versions, silent?)
+
+    def dummy_heads_are_silent(self) -> bool:
+        """Whether the dummy heads' value rows and output columns are all zero (cached per weight version)."""
+        if (
+            not self.skip_silent_dummy_heads
+            or self.num_heads == self.num_real_heads
+            or type(self.qkv) is not nn.Linear
+            or type(self.proj) is not nn.Linear
+            or self.qkv.weight.device.type == "meta"
+            or torch.compiler.is_compiling()
+        ):
+            return False
+        tensors = [t for t in (self.qkv.weight, self.qkv.bias, self.proj.weight) if t is not None]
+        identity = tuple((t.data_ptr(), t._version) for t in tensors)
+        if self._silence[0] != identity:
+            dummy_values = slice(2 * self.padded_dim + self.embed_dim, 3 * self.padded_dim)
+            live = self.qkv.weight[dummy_values].any() or self.proj.weight[:, self.embed_dim :].any()
+            if self.qkv.bias is not None:
+                live = live or self.qkv.bias[dummy_values].any()
+            self._silence = (identity, not bool(live))
+        return self._silence[1]
+
+    def _qkv(self, hidden_states: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
+        """q, k and v of the first `width` channels of each block."""
+        if width == self.padded_dim:
+            return self.qkv(hidden_states).chunk(3, dim=-1)
+        weight, bias = self.qkv.weight, self.qkv.bias
+        blocks = [slice(b * self.padded_dim, b * self.padded_dim + width) for b in range(3)]
+        return tuple(F.linear(hidden_states, weight[rows], None if bias is None else bias[rows]) for rows in blocks)
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, _ = hidden_states.shape
-        query, key, value = self.qkv(hidden_states).chunk(3, dim=-1)  # each [tiles, tokens, padded_dim]
+        num_heads = self.num_real_heads if self.dummy_heads_are_silent() else self.num_heads
+        width = num_heads * self.head_dim
+        query, key, value = self._qkv(hidden_states, width)  # each [tiles, tokens, width]
         if self.qk_normalization:
             query, key = self.q_norm(query), self.k_norm(key)
 
-        head_shape = (batch_size, seq_len, self.num_heads, self.head_dim)
+        head_shape = (batch_size, seq_len, num_heads, self.head_dim)
         query, key, value = (t.reshape(head_shape).transpose(1, 2) for t in (query, key, value))
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -144,8 +188,12 @@ class InternAttention(nn.Module):
             is_causal=False,
             **kwargs,
         )
-        attn_output = attn_output.reshape(batch_size, seq_len, self.padded_dim)
-        return self.proj_drop(self.proj(attn_output)), attn_weights
+        attn_output = attn_output.reshape(batch_size, seq_len, width)
+        if width == self.padded_dim:
+            output = self.proj(attn_output)
+        else:
+            output = F.linear(attn_output, self.proj.weight[:, :width], self.proj.bias)
+        return self.proj_drop(output), attn_weights
 
 
 class InternMLP(nn.Module):
