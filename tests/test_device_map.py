@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import re
 import warnings
 
+import model_card_code
 import pytest
 import torch
 from accelerate.utils import check_device_map
@@ -25,29 +25,10 @@ from nvlm_d.quantization import bitsandbytes_config
 GREEDY = {"max_new_tokens": 8, "do_sample": False}
 
 
-def card_split_model(world_size: int) -> dict[str, int]:
-    """The model card's split_model, written out, with the GPU count as an argument instead of
-    torch.cuda.device_count()."""
-    device_map = {}
-    num_layers = 80
-    num_layers_per_gpu = math.ceil(num_layers / (world_size - 0.5))
-    num_layers_per_gpu = [num_layers_per_gpu] * world_size
-    num_layers_per_gpu[0] = math.ceil(num_layers_per_gpu[0] * 0.5)
-    layer_cnt = 0
-    for i, num_layer in enumerate(num_layers_per_gpu):
-        for _ in range(num_layer):
-            device_map[f"language_model.model.layers.{layer_cnt}"] = i
-            layer_cnt += 1
-    device_map["vision_model"] = 0
-    device_map["mlp1"] = 0
-    device_map["language_model.model.tok_embeddings"] = 0
-    device_map["language_model.model.embed_tokens"] = 0
-    device_map["language_model.output"] = 0
-    device_map["language_model.model.norm"] = 0
-    device_map["language_model.lm_head"] = 0
-    device_map["language_model.model.rotary_emb"] = 0
-    device_map[f"language_model.model.layers.{num_layers - 1}"] = 0
-    return device_map
+def card_split_model(world_size: int, monkeypatch) -> dict[str, int]:
+    """The model card's split_model, run with torch.cuda.device_count() patched to `world_size`."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: world_size)
+    return model_card_code.split_model()
 
 
 def decoder_layers(device_map: dict) -> dict[int, int]:
@@ -77,8 +58,8 @@ def test_split_model_covers_every_tensor_and_buffer_of_the_72b_model(meta_72b, n
 
 
 @pytest.mark.parametrize("num_gpus", range(2, 9))
-def test_split_model_places_decoder_layers_as_the_model_card_does(num_gpus):
-    assert decoder_layers(split_model(num_gpus)) == decoder_layers(card_split_model(num_gpus))
+def test_split_model_places_decoder_layers_as_the_model_card_does(num_gpus, monkeypatch):
+    assert decoder_layers(split_model(num_gpus)) == decoder_layers(card_split_model(num_gpus, monkeypatch))
 
 
 def test_split_model_keeps_the_decoder_ends_on_gpu_0():

@@ -1,7 +1,7 @@
 """Specification of nvlm_d.image_processing_nvlm_d: the model card's preprocessing, bit for bit, plus clear errors.
 
-The oracle is the model card's "Inference" helper code, written out below as the card has it (only renamed
-with a `card_` prefix). Every equality check is `torch.equal` (same shape, dtype and bits).
+The oracle is the model card's "Inference" helper code, as the card has it (model_card_code.py, used here under
+a `card_` prefix). Every equality check is `torch.equal` (same shape, dtype and bits).
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ import io
 import warnings
 from pathlib import Path
 
+import model_card_code
 import numpy as np
 import pytest
 import torch
-import torchvision.transforms as T
 from PIL import Image, ImageFile
-from torchvision.transforms.functional import InterpolationMode
 
 from nvlm_d import image_processing_nvlm_d as ip
 from nvlm_d.image_processing_nvlm_d import (
@@ -32,39 +31,13 @@ from nvlm_d.image_processing_nvlm_d import (
 )
 
 # ------------------------------------------------------------------------------------------------------------
-# The oracle: the model card's code
+# The oracle: the model card's code (model_card_code.py), and two helpers built from its lines
 # ------------------------------------------------------------------------------------------------------------
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def card_build_transform(input_size):
-    MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
-    transform = T.Compose([
-        T.Lambda(lambda img: img.convert('RGB') if img.mode != 'RGB' else img),
-        T.Resize((input_size, input_size), interpolation=InterpolationMode.BICUBIC),
-        T.ToTensor(),
-        T.Normalize(mean=MEAN, std=STD)
-    ])
-    return transform
-
-
-def card_find_closest_aspect_ratio(aspect_ratio, target_ratios, width, height, image_size):
-    best_ratio_diff = float('inf')
-    best_ratio = (1, 1)
-    area = width * height
-    for ratio in target_ratios:
-        target_aspect_ratio = ratio[0] / ratio[1]
-        ratio_diff = abs(aspect_ratio - target_aspect_ratio)
-        if ratio_diff < best_ratio_diff:
-            best_ratio_diff = ratio_diff
-            best_ratio = ratio
-        elif ratio_diff == best_ratio_diff:
-            if area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
-                best_ratio = ratio
-    return best_ratio
-
+card_build_transform = model_card_code.build_transform
+card_find_closest_aspect_ratio = model_card_code.find_closest_aspect_ratio
+card_dynamic_preprocess = model_card_code.dynamic_preprocess
+card_load_image = model_card_code.load_image
 
 def card_target_ratios(min_num, max_num):
     """The first two statements of the card's dynamic_preprocess that build `target_ratios`."""
@@ -73,54 +46,6 @@ def card_target_ratios(min_num, max_num):
         i * j <= max_num and i * j >= min_num)
     target_ratios = sorted(target_ratios, key=lambda x: x[0] * x[1])
     return target_ratios
-
-
-def card_dynamic_preprocess(image, min_num=1, max_num=12, image_size=448, use_thumbnail=False):
-    orig_width, orig_height = image.size
-    aspect_ratio = orig_width / orig_height
-
-    # calculate the existing image aspect ratio
-    target_ratios = set(
-        (i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1) if
-        i * j <= max_num and i * j >= min_num)
-    target_ratios = sorted(target_ratios, key=lambda x: x[0] * x[1])
-
-    # find the closest aspect ratio to the target
-    target_aspect_ratio = card_find_closest_aspect_ratio(
-        aspect_ratio, target_ratios, orig_width, orig_height, image_size)
-
-    # calculate the target width and height
-    target_width = image_size * target_aspect_ratio[0]
-    target_height = image_size * target_aspect_ratio[1]
-    blocks = target_aspect_ratio[0] * target_aspect_ratio[1]
-
-    # resize the image
-    resized_img = image.resize((target_width, target_height))
-    processed_images = []
-    for i in range(blocks):
-        box = (
-            (i % (target_width // image_size)) * image_size,
-            (i // (target_width // image_size)) * image_size,
-            ((i % (target_width // image_size)) + 1) * image_size,
-            ((i // (target_width // image_size)) + 1) * image_size
-        )
-        # split the image
-        split_img = resized_img.crop(box)
-        processed_images.append(split_img)
-    assert len(processed_images) == blocks
-    if use_thumbnail and len(processed_images) != 1:
-        thumbnail_img = image.resize((image_size, image_size))
-        processed_images.append(thumbnail_img)
-    return processed_images
-
-
-def card_load_image(image_file, input_size=448, max_num=12):
-    image = Image.open(image_file).convert('RGB')
-    transform = card_build_transform(input_size=input_size)
-    images = card_dynamic_preprocess(image, image_size=input_size, use_thumbnail=True, max_num=max_num)
-    pixel_values = [transform(image) for image in images]
-    pixel_values = torch.stack(pixel_values)
-    return pixel_values
 
 
 def card_load_pil(image, input_size=448, max_num=12):

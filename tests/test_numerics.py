@@ -28,10 +28,14 @@ def pixel_values():
     return torch.randn(2, 3, 448, 448, generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.parametrize("dummy_heads", ["skipped", "computed"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_image_features_match_transformers_internvl(models, pixel_values, attn):
+def test_image_features_match_transformers_internvl(models, pixel_values, attn, dummy_heads, monkeypatch):
+    from nvlm_d.modeling_intern_vit import InternAttention
+
     ours, theirs = models
     ours.config._attn_implementation = theirs.config._attn_implementation = attn
+    monkeypatch.setattr(InternAttention, "skip_silent_dummy_heads", dummy_heads == "skipped")
     with torch.no_grad():
         expected = theirs.model.get_image_features(
             pixel_values=pixel_values, vision_feature_layer=-1, vision_feature_select_strategy="default"
@@ -120,14 +124,6 @@ def test_pixel_shuffle_follows_the_formula(ps_version):
             torch.testing.assert_close(cell, shuffled_cell(x[tile], row, col), rtol=0, atol=0)
 
 
-@pytest.fixture
-def padded_path_forced(monkeypatch):
-    """Compute the dummy heads even when they are silent (the reference's way)."""
-    from nvlm_d.modeling_intern_vit import InternAttention
-
-    monkeypatch.setattr(InternAttention, "skip_silent_dummy_heads", False)
-
-
 def test_zeroed_dummy_heads_are_recognised_as_silent(models):
     ours, _ = models
     assert all(layer.attn.dummy_heads_are_silent() for layer in ours.vision_model.encoder.layers)
@@ -171,14 +167,3 @@ def test_skipping_silent_dummy_heads_keeps_the_gradients(monkeypatch):
     computed = gradients()
     for name, grad in computed.items():
         assert relative_error(skipped[name], grad) < 1e-5 if grad.any() else not skipped[name].any(), name
-
-
-@pytest.mark.usefixtures("padded_path_forced")
-def test_computed_dummy_heads_match_transformers_internvl(models, pixel_values):
-    ours, theirs = models
-    with torch.no_grad():
-        expected = theirs.model.get_image_features(
-            pixel_values=pixel_values, vision_feature_layer=-1, vision_feature_select_strategy="default"
-        ).pooler_output
-        actual = ours.extract_feature(pixel_values)
-    assert relative_error(actual, expected) < RTOL
