@@ -89,7 +89,6 @@ def bench_vision(device: torch.device, config: InternVisionConfig, tiles: int, p
             ms = timed_ms(lambda: model(pixel_values), device, repeats=5, warmup=2)
         tflops = flops / ms / 1e9
         rows.append(f"vision {attn:<18}{ms:>9.1f} ms {tflops:>8.1f} TFLOP/s {tflops / peak:>7.1%} of bf16 peak")
-    del model
     return rows
 
 
@@ -133,13 +132,26 @@ def main() -> None:
     args = parser.parse_args()
 
     vision = InternVisionConfig()
-    small_vocab = {"vocab_size": 1024, "bos_token_id": None, "eos_token_id": None}  # keeps the LM head negligible: layers are measured
+    small_vocab = {
+        "vocab_size": 1024,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }  # keeps the LM head negligible: layers are measured
     decoder = Qwen2Config(**{**QWEN2_72B, **small_vocab, "num_hidden_layers": args.decode_layers})
     device = torch.device("cpu" if args.smoke else "cuda")
     if args.smoke:
         vision = InternVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-        decoder = Qwen2Config(**{**QWEN2_72B, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-                                 "num_key_value_heads": 2, "num_hidden_layers": 2, **small_vocab})
+        decoder = Qwen2Config(
+            **{
+                **QWEN2_72B,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "num_hidden_layers": 2,
+                **small_vocab,
+            }
+        )
         args.tiles, args.context = 1, 64
     peak = matmul_peak_tflops(device, 256 if args.smoke else 8192)
     bandwidth = copy_bandwidth_gbps(device, 16 if args.smoke else 2048)

@@ -34,10 +34,20 @@ from nvlm_d.internvl_twin import internvl_twin
 from nvlm_d.tiny import build_tiny_model, zero_dummy_heads_
 
 SCALED = {
-    "vision_config": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
-                      "num_attention_heads": 8, "num_dummy_heads": 2},
-    "llm_config": {"hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 4,
-                   "num_attention_heads": 8, "num_key_value_heads": 2},
+    "vision_config": {
+        "hidden_size": 256,
+        "intermediate_size": 1024,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_dummy_heads": 2,
+    },
+    "llm_config": {
+        "hidden_size": 256,
+        "intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+    },
 }
 TILES = 7
 NEW_TOKENS = 32
@@ -151,8 +161,10 @@ def main() -> None:
     rows = [(metric, ours_times[metric], twin_times[metric]) for metric in ours_times]
     rows.append(("peak RSS (MiB)", peak_rss_mib("ours"), peak_rss_mib("internvl")))
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, prompt {input_ids.shape[1]} tokens "
-          f"({TILES} tiles), {NEW_TOKENS} new tokens, median of {args.repeats}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, prompt {input_ids.shape[1]} tokens "
+        f"({TILES} tiles), {NEW_TOKENS} new tokens, median of {args.repeats}"
+    )
     print(f"greedy tokens equal: {same_tokens}")
     print(f"{'':<20}{'NVLM-D':>10}{'InternVL':>10}{'ratio':>8}")
     for metric, mine, theirs in rows:

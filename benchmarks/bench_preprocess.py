@@ -158,8 +158,10 @@ def cpu_model() -> str:
 
 def bench_load_image(files: dict[str, Path], repeats: int) -> None:
     """card vs ours vs floor for each file at max_num 6 and 12; prints a Markdown table and the geomean."""
-    print("\n| image | max_num | grid | tiles | card ms | ours ms | speedup "
-          "| floor ms = decode + max(grid, thumbnail resize) | ours / floor | torch.equal |")
+    print(
+        "\n| image | max_num | grid | tiles | card ms | ours ms | speedup "
+        "| floor ms = decode + max(grid, thumbnail resize) | ours / floor | torch.equal |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     speedups = []
     for label, path in files.items():
@@ -185,9 +187,11 @@ def bench_load_image(files: dict[str, Path], repeats: int) -> None:
             floor = m["decode"] + max(m["grid"], m["thumb"])
             speedups.append(m["card"] / m["ours"])
             tiles = cols * rows + (cols * rows > 1)
-            print(f"| {label} | {max_num} | {cols}x{rows} + thumbnail | {tiles} | {m['card']:.1f} | {m['ours']:.1f} "
-                  f"| {speedups[-1]:.2f}x | {floor:.1f} = {m['decode']:.1f} + max({m['grid']:.1f}, {m['thumb']:.1f}) "
-                  f"| {m['ours'] / floor:.2f} | {same} |")
+            print(
+                f"| {label} | {max_num} | {cols}x{rows} + thumbnail | {tiles} | {m['card']:.1f} | {m['ours']:.1f} "
+                f"| {speedups[-1]:.2f}x | {floor:.1f} = {m['decode']:.1f} + max({m['grid']:.1f}, {m['thumb']:.1f}) "
+                f"| {m['ours'] / floor:.2f} | {same} |"
+            )
     geomean = math.exp(statistics.fmean(math.log(x) for x in speedups))
     print(f"\nGeometric-mean speedup over the {len(speedups)} cases: {geomean:.2f}x")
 
@@ -198,7 +202,7 @@ def bench_load_images(paths: list[Path], repeats: int) -> None:
     same = {}
     for workers in (1, 2):
         parallel = ip.load_images(paths, max_num=6, num_workers=workers)
-        same[workers] = all(torch.equal(a, b) for a, b in zip(parallel, sequential))
+        same[workers] = all(torch.equal(a, b) for a, b in zip(parallel, sequential, strict=True))
     m = interleaved_medians(
         {
             "card's load_image, one by one": lambda: [card_load_image(str(p), max_num=6) for p in paths],
@@ -223,8 +227,10 @@ def main() -> None:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"# {datetime.date.today()}  {cpu_model()}, {cores} CPU cores available")
-    print(f"# python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"torchvision {torchvision.__version__}, Pillow {PIL.__version__}, numpy {np.__version__}")
+    print(
+        f"# python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"torchvision {torchvision.__version__}, Pillow {PIL.__version__}, numpy {np.__version__}"
+    )
 
     with tempfile.TemporaryDirectory() as tmp, OtherLoad() as load:
         files = {
@@ -242,8 +248,10 @@ def main() -> None:
             photo_like(1920, 1080, seed=100 + k).save(path, quality=90)
         bench_load_images(paths, max(3, args.repeats // 3))
 
-    print(f"\n# other processes used {100 * load.fraction:.0f}% of the CPU time during the whole run; "
-          f"{len(NOISY_ROUNDS)} timing rounds with more than 5% were discarded and rerun")
+    print(
+        f"\n# other processes used {100 * load.fraction:.0f}% of the CPU time during the whole run; "
+        f"{len(NOISY_ROUNDS)} timing rounds with more than 5% were discarded and rerun"
+    )
 
 
 if __name__ == "__main__":

@@ -74,9 +74,7 @@ def tile_tags(num_tiles: int) -> list[str]:
     return [f"<tile_{k}>" for k in range(1, num_tiles)] + [THUMBNAIL_TAG]
 
 
-def image_prompt(
-    num_tiles: int, num_image_token: int = 256, context_token: str = IMG_CONTEXT_TOKEN
-) -> str:
+def image_prompt(num_tiles: int, num_image_token: int = 256, context_token: str = IMG_CONTEXT_TOKEN) -> str:
     """The text that stands for one image of `num_tiles` tiles: tags, each followed by its context tokens."""
     body = "".join(tag + context_token * num_image_token for tag in tile_tags(num_tiles))
     return IMG_START_TAG + body + IMG_END_TAG
@@ -102,7 +100,7 @@ def expand_image_placeholders(
         )
     pieces = text.split(IMAGE_PLACEHOLDER)
     expanded = [pieces[0]]
-    for num_tiles, piece in zip(num_patches_list, pieces[1:]):
+    for num_tiles, piece in zip(num_patches_list, pieces[1:], strict=True):
         expanded.append(image_prompt(num_tiles, num_image_token, context_token))
         expanded.append(piece)
     return "".join(expanded)
@@ -112,11 +110,7 @@ def _validate_history(history: object) -> list[tuple[str, str]]:
     if not isinstance(history, (list, tuple)):
         raise TypeError(f"history must be a list of (question, answer) pairs, got {type(history).__name__}")
     for index, turn in enumerate(history):
-        if (
-            not isinstance(turn, (list, tuple))
-            or len(turn) != 2
-            or not all(isinstance(part, str) for part in turn)
-        ):
+        if not isinstance(turn, (list, tuple)) or len(turn) != 2 or not all(isinstance(part, str) for part in turn):
             raise TypeError(f"history[{index}] must be a (question, answer) pair of strings, got {turn!r}")
     return [tuple(turn) for turn in history]
 

@@ -10,8 +10,8 @@ import re
 import warnings
 
 import torch
-from accelerate.utils import CustomDtype, compute_module_sizes, convert_file_size_to_int, infer_auto_device_map
 from accelerate import init_empty_weights
+from accelerate.utils import CustomDtype, compute_module_sizes, convert_file_size_to_int, infer_auto_device_map
 from torch import nn
 from transformers import PreTrainedConfig
 
@@ -299,10 +299,16 @@ def smallest_gpu_count(max_gpus: int = 64, **plan_kwargs) -> DevicePlan | None:
 
 def format_plan(plan: DevicePlan) -> str:
     """A per-GPU table: decoder layers, other modules, GiB of weights, KV cache, activations and free memory."""
-    header = f"{'GPU':>3}  {'decoder layers':<16}{'weights':>9}{'KV cache':>10}{'act.+CUDA':>11}{'free':>9}  other modules"
+    header = (
+        f"{'GPU':>3}  {'decoder layers':<16}{'weights':>9}{'KV cache':>10}{'act.+CUDA':>11}{'free':>9}  other modules"
+    )
     lines = [f"dtype {plan.dtype}, context {plan.context} tokens x batch {plan.batch} (GiB)", header]
     for gpu in plan.gpus:
-        layers = f"{gpu.decoder_layers[0]}-{gpu.decoder_layers[-1]} ({len(gpu.decoder_layers)})" if gpu.decoder_layers else "-"
+        layers = (
+            f"{gpu.decoder_layers[0]}-{gpu.decoder_layers[-1]} ({len(gpu.decoder_layers)})"
+            if gpu.decoder_layers
+            else "-"
+        )
         others = ", ".join(name.removeprefix("language_model.") for name in gpu.other_modules) or "-"
         lines.append(
             f"{gpu.index:>3}  {layers:<16}{gpu.weight_bytes / GIB:>9.1f}{gpu.kv_cache_bytes / GIB:>10.2f}"

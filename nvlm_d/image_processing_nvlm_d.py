@@ -27,7 +27,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ def _available_cpus() -> int:
 _CPU_COUNT = _available_cpus()
 
 # What `load_image` accepts (see its docstring).
-ImageInput = Union[str, os.PathLike, Image.Image, bytes, bytearray, memoryview, BinaryIO]
+ImageInput = str | os.PathLike | Image.Image | bytes | bytearray | memoryview | BinaryIO
 
 
 class InvalidImageError(OSError):

@@ -156,7 +156,9 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         vision = self.config.vision_config
         expected = f"[num_tiles, {vision.num_channels}, {vision.image_size}, {vision.image_size}]"
         if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(f"pixel_values must be a torch.Tensor of shape {expected}, got {type(pixel_values).__name__}")
+            raise TypeError(
+                f"pixel_values must be a torch.Tensor of shape {expected}, got {type(pixel_values).__name__}"
+            )
         if not pixel_values.is_floating_point():
             raise TypeError(f"pixel_values must be a floating-point tensor, got dtype {pixel_values.dtype}")
         shape = tuple(pixel_values.shape)
@@ -168,10 +170,14 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         width = self.mlp1[0].normalized_shape[0]
         expected = f"[num_tiles, {self.num_image_token}, {width}]"
         if not isinstance(visual_features, torch.Tensor):
-            raise TypeError(f"visual_features must be a torch.Tensor of shape {expected}, got {type(visual_features).__name__}")
+            raise TypeError(
+                f"visual_features must be a torch.Tensor of shape {expected}, got {type(visual_features).__name__}"
+            )
         shape = tuple(visual_features.shape)
         if len(shape) != 3 or shape[0] == 0 or shape[1:] != (self.num_image_token, width):
-            raise ValueError(f"visual_features must have shape {expected} (pixel-shuffled ViT outputs), got {list(shape)}")
+            raise ValueError(
+                f"visual_features must have shape {expected} (pixel-shuffled ViT outputs), got {list(shape)}"
+            )
         return visual_features
 
     def get_image_features(
@@ -313,7 +319,9 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         if input_ids is None:
             raise ValueError("generate needs input_ids (or inputs_embeds)")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int):
-            raise TypeError(f"input_ids must be an integer torch.Tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
+            raise TypeError(
+                f"input_ids must be an integer torch.Tensor, got {getattr(input_ids, 'dtype', type(input_ids))}"
+            )
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must have shape [batch, prompt_length > 0], got {list(input_ids.shape)}")
         return input_ids
@@ -352,7 +360,9 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         streamer: Any = None,
     ) -> list[str]:
         """Tokenize prompts (left-padded when several), generate until `<|im_end|>`, decode and strip."""
-        input_ids, attention_mask = _left_pad([tokenizer(p, return_tensors="pt").input_ids[0] for p in prompts], tokenizer)
+        input_ids, attention_mask = _left_pad(
+            [tokenizer(p, return_tensors="pt").input_ids[0] for p in prompts], tokenizer
+        )
         kwargs = _generation_kwargs(generation_config)
         kwargs["eos_token_id"] = tokenizer.convert_tokens_to_ids(IM_END_TOKEN)
         kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
@@ -449,8 +459,17 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
             `return_history` is true.
         """
         response, new_history = self._chat(
-            "chat", tokenizer, pixel_values, question, generation_config, history, num_patches_list,
-            IMG_CONTEXT_TOKEN, verbose, visual_features, streamer,
+            "chat",
+            tokenizer,
+            pixel_values,
+            question,
+            generation_config,
+            history,
+            num_patches_list,
+            IMG_CONTEXT_TOKEN,
+            verbose,
+            visual_features,
+            streamer,
         )
         return (response, new_history) if return_history else response
 
@@ -475,8 +494,17 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         (The reference's version cuts the prompt in the middle of its system text; this one builds what its name
         says.)"""
         response, new_history = self._chat(
-            "no_system", tokenizer, pixel_values, question, generation_config, history, num_patches_list,
-            IMG_CONTEXT_TOKEN, verbose, visual_features, streamer,
+            "no_system",
+            tokenizer,
+            pixel_values,
+            question,
+            generation_config,
+            history,
+            num_patches_list,
+            IMG_CONTEXT_TOKEN,
+            verbose,
+            visual_features,
+            streamer,
         )
         return (response, new_history) if return_history else response
 
@@ -496,8 +524,17 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
     ) -> str:
         """Complete the bare question (placeholders expanded, no conversation template)."""
         response, _ = self._chat(
-            "raw", tokenizer, pixel_values, question, generation_config, None, num_patches_list,
-            IMG_CONTEXT_TOKEN, verbose, visual_features, streamer,
+            "raw",
+            tokenizer,
+            pixel_values,
+            question,
+            generation_config,
+            None,
+            num_patches_list,
+            IMG_CONTEXT_TOKEN,
+            verbose,
+            visual_features,
+            streamer,
         )
         return response
 
@@ -527,7 +564,7 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         per_question = _images_per_question(num_patches_list, len(questions), num_tiles)
         self.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
         prompts = []
-        for question, tiles in zip(questions, per_question):
+        for question, tiles in zip(questions, per_question, strict=True):
             if not isinstance(question, str):
                 raise TypeError(f"each question must be a string, got {type(question).__name__}")
             prompts.append(
@@ -553,7 +590,7 @@ def _images_per_question(
     if num_patches_list is None:
         if num_tiles and num_questions != 1:
             raise ValueError(f"pass num_patches_list to say which of the {num_tiles} tiles belong to which question")
-        return [[num_tiles] if num_tiles else []]* num_questions
+        return [[num_tiles] if num_tiles else []] * num_questions
     if not isinstance(num_patches_list, (list, tuple)) or len(num_patches_list) != num_questions:
         raise ValueError(
             f"num_patches_list must have one entry per question ({num_questions}), got {num_patches_list!r}"

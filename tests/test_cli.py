@@ -22,7 +22,10 @@ import torch
 from PIL import Image, ImageDraw
 from transformers.utils import logging as hf_logging
 
-from nvlm_d.cli import GRID_COLOR, PNG_GAP, PNG_HEADER, PNG_MARGIN, TILE_SIZE, CLIError, ResultLog, main
+from nvlm_d.cli import main
+from nvlm_d.cli.batch import ResultLog
+from nvlm_d.cli.common import TILE_SIZE, CLIError
+from nvlm_d.cli.tiles import GRID_COLOR, PNG_GAP, PNG_HEADER, PNG_MARGIN
 from nvlm_d.conversation import image_prompt
 from nvlm_d.image_processing_nvlm_d import load_image
 
@@ -53,7 +56,9 @@ class Cli:
         self.env = env
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cli")
 
-    def __call__(self, *args, input: str | None = None, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    def __call__(
+        self, *args, input: str | None = None, env: dict | None = None, cwd=None
+    ) -> subprocess.CompletedProcess:
         return subprocess.run(
             cli_command(*args), input=input, capture_output=True, text=True, env=env or self.env, cwd=cwd, timeout=300
         )
@@ -135,8 +140,17 @@ def chat_text_run(cli, tiny_checkpoint) -> Future:
 
 @pytest.fixture(scope="module")
 def chat_images_run(cli, tiny_checkpoint, images) -> Future:
-    return cli.start("chat", "--model", tiny_checkpoint, *FAST, "--image", images / "scene.png",
-                     "--image", images / "small.png", "Compare them.")
+    return cli.start(
+        "chat",
+        "--model",
+        tiny_checkpoint,
+        *FAST,
+        "--image",
+        images / "scene.png",
+        "--image",
+        images / "small.png",
+        "Compare them.",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -165,12 +179,19 @@ def batch_runs(cli, tiny_checkpoint, images, tmp_path_factory) -> tuple[Future, 
     directory = tmp_path_factory.mktemp("batch")
     (directory / "pics").mkdir()
     (directory / "pics" / "scene.png").write_bytes((images / "scene.png").read_bytes())
-    requests = write_jsonl(directory / "requests.jsonl", [
-        {"id": "text", "question": "Hello, who are you?"},
-        {"id": 7, "image": "pics/scene.png", "question": "What is it?"},  # relative to requests.jsonl
-        {"id": "two", "image": [str(images / "small.png"), "pics/scene.png"], "question": "Compare.",
-         "max_new_tokens": 2},
-    ])
+    requests = write_jsonl(
+        directory / "requests.jsonl",
+        [
+            {"id": "text", "question": "Hello, who are you?"},
+            {"id": 7, "image": "pics/scene.png", "question": "What is it?"},  # relative to requests.jsonl
+            {
+                "id": "two",
+                "image": [str(images / "small.png"), "pics/scene.png"],
+                "question": "Compare.",
+                "max_new_tokens": 2,
+            },
+        ],
+    )
     answers = directory / "answers.jsonl"
     command = ("batch", "--model", tiny_checkpoint, "--input", requests, "--output", answers, *FAST)
 
@@ -196,16 +217,19 @@ def torn_run(cli, tiny_checkpoint, tmp_path_factory) -> tuple[Future, Path]:
 @pytest.fixture(scope="module")
 def bad_records_run(cli, tiny_checkpoint, images, tmp_path_factory) -> tuple[Future, Path]:
     directory = tmp_path_factory.mktemp("bad_records")
-    requests = write_jsonl(directory / "requests.jsonl", [
-        {"id": "ok-1", "question": "Hello?"},
-        "{not json",
-        {"question": "I have no id"},
-        {"id": "ok-1", "question": "I reuse an id"},
-        {"id": "no-question"},
-        {"id": "missing-image", "image": "nowhere.png", "question": "What is it?"},
-        {"id": "broken-image", "image": str(images / "broken.jpg"), "question": "What is it?"},
-        {"id": "ok-2", "image": str(images / "small.png"), "question": "What is it?"},
-    ])
+    requests = write_jsonl(
+        directory / "requests.jsonl",
+        [
+            {"id": "ok-1", "question": "Hello?"},
+            "{not json",
+            {"question": "I have no id"},
+            {"id": "ok-1", "question": "I reuse an id"},
+            {"id": "no-question"},
+            {"id": "missing-image", "image": "nowhere.png", "question": "What is it?"},
+            {"id": "broken-image", "image": str(images / "broken.jpg"), "question": "What is it?"},
+            {"id": "ok-2", "image": str(images / "small.png"), "question": "What is it?"},
+        ],
+    )
     answers = directory / "answers.jsonl"
     return cli.start("batch", "--model", tiny_checkpoint, "--input", requests, "--output", answers, *FAST), answers
 
@@ -216,8 +240,18 @@ def unknown_subcommand_run(cli) -> Future:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _start_runs_early(help_run, demo_runs, chat_text_run, chat_images_run, interactive_run, tiles_run, batch_runs,
-                      torn_run, bad_records_run, unknown_subcommand_run):
+def _start_runs_early(
+    help_run,
+    demo_runs,
+    chat_text_run,
+    chat_images_run,
+    interactive_run,
+    tiles_run,
+    batch_runs,
+    torn_run,
+    bad_records_run,
+    unknown_subcommand_run,
+):
     """Requests every run above, so that all of them are under way before the first test waits for one."""
 
 
@@ -289,7 +323,10 @@ def test_chat_one_shot_with_two_images_numbers_them_and_stacks_their_tiles(
     assert_ok(result)
     scene, small = load_image(images / "scene.png", max_num=6), load_image(images / "small.png", max_num=6)
     expected = tiny_model.chat(
-        tokenizer, torch.cat([scene, small]), "Image-1: <image>\nImage-2: <image>\nCompare them.", GREEDY4,
+        tokenizer,
+        torch.cat([scene, small]),
+        "Image-1: <image>\nImage-2: <image>\nCompare them.",
+        GREEDY4,
         num_patches_list=[len(scene), len(small)],
     )
     assert result.stdout == expected + "\n"
@@ -302,8 +339,7 @@ def test_interactive_chat_keeps_history_attaches_images_resets_and_quits(
     assert_ok(result)
     greedy8 = {"max_new_tokens": 8, "do_sample": False}
     scene = load_image(images / "scene.png", max_num=6)
-    first, history = tiny_model.chat(tokenizer, scene, "<image>\nWhat is it?", greedy8, history=[],
-                                     return_history=True)
+    first, history = tiny_model.chat(tokenizer, scene, "<image>\nWhat is it?", greedy8, history=[], return_history=True)
     second = tiny_model.chat(tokenizer, scene, "And the colours?", greedy8, history=history)
     after_reset = tiny_model.chat(tokenizer, None, "And the colours?", greedy8, history=[])
     assert second != after_reset  # the history (and its image) changes the answer
@@ -376,13 +412,17 @@ def test_batch_rerun_on_a_finished_output_adds_nothing(batch_runs):
 
 def test_batch_killed_mid_run_resumes_with_every_id_answered_exactly_once(cli, tiny_checkpoint, tmp_path):
     ids = [f"r{k:02d}" for k in range(30)]
-    requests = write_jsonl(tmp_path / "requests.jsonl",
-                           [{"id": i, "question": f"Question {i}: tell me a long story."} for i in ids])
+    requests = write_jsonl(
+        tmp_path / "requests.jsonl", [{"id": i, "question": f"Question {i}: tell me a long story."} for i in ids]
+    )
     answers = tmp_path / "answers.jsonl"
     slow = subprocess.Popen(
-        cli_command("batch", "--model", tiny_checkpoint, "--input", requests, "--output", answers,
-                    "--max-new-tokens", "64"),
-        env=cli.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cli_command(
+            "batch", "--model", tiny_checkpoint, "--input", requests, "--output", answers, "--max-new-tokens", "64"
+        ),
+        env=cli.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 120
@@ -489,8 +529,9 @@ def test_unknown_flag_is_one_line_error(cli_main, tiny_checkpoint):
 
 
 def test_missing_batch_input_file_is_one_line_error(cli_main, tiny_checkpoint, tmp_path):
-    code, stderr = cli_main("batch", "--model", tiny_checkpoint, "--input", tmp_path / "none.jsonl",
-                            "--output", tmp_path / "answers.jsonl")
+    code, stderr = cli_main(
+        "batch", "--model", tiny_checkpoint, "--input", tmp_path / "none.jsonl", "--output", tmp_path / "answers.jsonl"
+    )
     assert_one_line_error(code, stderr, "none.jsonl")
     assert not (tmp_path / "answers.jsonl").exists()
 
@@ -500,8 +541,9 @@ def test_model_path_without_config_json_is_one_line_error(cli_main, tmp_path):
 
 
 def test_unreadable_image_is_one_line_error(cli_main, tiny_checkpoint, images):
-    assert_one_line_error(*cli_main("chat", "--model", tiny_checkpoint, "--image", images / "broken.jpg", "Hi"),
-                          "broken.jpg")
+    assert_one_line_error(
+        *cli_main("chat", "--model", tiny_checkpoint, "--image", images / "broken.jpg", "Hi"), "broken.jpg"
+    )
     assert_one_line_error(*cli_main("tiles", images / "broken.jpg"), "broken.jpg")
 
 
@@ -524,10 +566,13 @@ def test_max_num_zero_is_one_line_error(cli_main, images):
 
 
 def test_batch_retry_errors_replaces_error_records_by_answers(cli_main, tiny_checkpoint, images, tmp_path):
-    requests = write_jsonl(tmp_path / "requests.jsonl", [
-        {"id": "a", "question": "Hello?"},
-        {"id": "b", "image": "late.png", "question": "What is it?"},
-    ])
+    requests = write_jsonl(
+        tmp_path / "requests.jsonl",
+        [
+            {"id": "a", "question": "Hello?"},
+            {"id": "b", "image": "late.png", "question": "What is it?"},
+        ],
+    )
     answers = tmp_path / "answers.jsonl"
     assert cli_main("batch", "--model", tiny_checkpoint, "--input", requests, "--output", answers, *FAST)[0] == 1
     assert "error" in read_records(answers)[1]
@@ -535,8 +580,9 @@ def test_batch_retry_errors_replaces_error_records_by_answers(cli_main, tiny_che
 
     code, stderr = cli_main("batch", "--model", tiny_checkpoint, "--input", requests, "--output", answers, *FAST)
     assert code == 1 and "0 to do" in stderr  # error records are final without --retry-errors
-    code, _ = cli_main("batch", "--model", tiny_checkpoint, "--input", requests, "--output", answers, *FAST,
-                       "--retry-errors")
+    code, _ = cli_main(
+        "batch", "--model", tiny_checkpoint, "--input", requests, "--output", answers, *FAST, "--retry-errors"
+    )
     assert code == 0
     records = read_records(answers)
     assert [r["id"] for r in records] == ["a", "b"] and all("answer" in r for r in records)

@@ -53,8 +53,12 @@ def test_two_images_replace_their_placeholders_in_order():
 def test_multi_turn_history_is_concatenated_without_newlines_between_turns():
     history = [("Hello, who are you?", "I am an AI assistant.")]
     expected = (
-        SYSTEM + user("Hello, who are you?") + ASSISTANT + "I am an AI assistant.<|im_end|>"
-        + user("What can you do?") + ASSISTANT
+        SYSTEM
+        + user("Hello, who are you?")
+        + ASSISTANT
+        + "I am an AI assistant.<|im_end|>"
+        + user("What can you do?")
+        + ASSISTANT
     )
     assert build_prompt("What can you do?", history=history) == expected
 
@@ -62,8 +66,12 @@ def test_multi_turn_history_is_concatenated_without_newlines_between_turns():
 def test_an_image_kept_in_the_history_is_expanded_in_the_first_turn():
     history = [("<image>\nPlease describe the image shortly.", "A red car.")]
     expected = (
-        SYSTEM + user(SEVEN_TILES + "\nPlease describe the image shortly.") + ASSISTANT + "A red car.<|im_end|>"
-        + user("What colour is it?") + ASSISTANT
+        SYSTEM
+        + user(SEVEN_TILES + "\nPlease describe the image shortly.")
+        + ASSISTANT
+        + "A red car.<|im_end|>"
+        + user("What colour is it?")
+        + ASSISTANT
     )
     assert build_prompt("What colour is it?", [7], history=history) == expected
 
@@ -92,7 +100,10 @@ def test_tile_tags_number_the_tiles_and_end_with_the_thumbnail():
 
 def test_image_prompt_has_256_context_tokens_per_tile():
     assert image_prompt(7).count(PAD) == 7 * 256
-    assert image_prompt(2, num_image_token=4, context_token="X") == "<Image><tile_1>XXXX<tile_global_thumbnail>XXXX</Image>"
+    assert (
+        image_prompt(2, num_image_token=4, context_token="X")
+        == "<Image><tile_1>XXXX<tile_global_thumbnail>XXXX</Image>"
+    )
 
 
 def test_conversation_template_is_a_fresh_copy_each_time():
@@ -107,11 +118,21 @@ def test_conversation_template_is_a_fresh_copy_each_time():
         ("text_only", "Hello, who are you?", [], None, "chat"),
         ("one_image_7_tiles", "Please describe the image shortly.", [7], None, "chat"),
         ("one_image_1_tile", "Please describe the image shortly.", [1], None, "chat"),
-        ("two_images_7_and_1_tiles", "Image-1: <image>\nImage-2: <image>\nDescribe the two images.", [7, 1], None,
-         "chat"),
+        (
+            "two_images_7_and_1_tiles",
+            "Image-1: <image>\nImage-2: <image>\nDescribe the two images.",
+            [7, 1],
+            None,
+            "chat",
+        ),
         ("multi_turn_text", "What can you do?", [], [("Hello, who are you?", "I am an AI assistant.")], "chat"),
-        ("multi_turn_image_second_round", "What colour is it?", [7],
-         [("<image>\nPlease describe the image shortly.", "A red car.")], "chat"),
+        (
+            "multi_turn_image_second_round",
+            "What colour is it?",
+            [7],
+            [("<image>\nPlease describe the image shortly.", "A red car.")],
+            "chat",
+        ),
         ("chat_without_chat_prompt_1_tile", "Describe.", [1], None, "raw"),
     ],
 )

@@ -64,8 +64,15 @@ def test_split_model_places_decoder_layers_as_the_model_card_does(num_gpus, monk
 
 def test_split_model_keeps_the_decoder_ends_on_gpu_0():
     device_map = split_model(4)
-    for name in ("vision_model", "mlp1", "language_model.model.embed_tokens", "language_model.model.norm",
-                 "language_model.lm_head", "language_model.model.rotary_emb", "language_model.model.layers.79"):
+    for name in (
+        "vision_model",
+        "mlp1",
+        "language_model.model.embed_tokens",
+        "language_model.model.norm",
+        "language_model.lm_head",
+        "language_model.model.rotary_emb",
+        "language_model.model.layers.79",
+    ):
         assert device_map[name] == 0, name
 
 
@@ -134,7 +141,11 @@ def test_unparsable_or_non_positive_memory_is_rejected(size):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"num_gpus": 0}, "num_gpus"), ({"num_gpus": 2, "dtype": "int3"}, "dtype"), ({"num_gpus": 2, "context": 0}, "context")],
+    [
+        ({"num_gpus": 0}, "num_gpus"),
+        ({"num_gpus": 2, "dtype": "int3"}, "dtype"),
+        ({"num_gpus": 2, "context": 0}, "context"),
+    ],
 )
 def test_plan_rejects_bad_arguments(meta_72b, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -172,7 +183,10 @@ def test_quantized_loading_keeps_the_vision_tower_and_projector_in_bf16(tiny_che
     import bitsandbytes as bnb
 
     model = AutoModel.from_pretrained(
-        tiny_checkpoint, trust_remote_code=True, dtype=torch.bfloat16, device_map="cpu" if not torch.cuda.is_available() else 0,
+        tiny_checkpoint,
+        trust_remote_code=True,
+        dtype=torch.bfloat16,
+        device_map="cpu" if not torch.cuda.is_available() else 0,
         quantization_config=bitsandbytes_config(bits),
     ).eval()
     quantized = bnb.nn.Linear8bitLt if bits == 8 else bnb.nn.Linear4bit

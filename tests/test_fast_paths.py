@@ -45,7 +45,9 @@ def test_compiled_decoding_gives_the_greedy_tokens_of_eager_decoding(tiny_model,
 
 def test_vision_batch_size_encodes_tiles_in_chunks_with_the_same_features(tiny_checkpoint):
     whole = AutoModel.from_pretrained(tiny_checkpoint, trust_remote_code=True, dtype=torch.float32)
-    chunked = AutoModel.from_pretrained(tiny_checkpoint, trust_remote_code=True, dtype=torch.float32, vision_batch_size=2)
+    chunked = AutoModel.from_pretrained(
+        tiny_checkpoint, trust_remote_code=True, dtype=torch.float32, vision_batch_size=2
+    )
     batch_sizes = []
     chunked.vision_model.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
     pixel_values = tiles(5, seed=4)

@@ -26,8 +26,12 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def cuda_bf16_model(tiny_checkpoint):
     return AutoModel.from_pretrained(
-        tiny_checkpoint, torch_dtype=torch.bfloat16, low_cpu_mem_usage=True, use_flash_attn=False,
-        trust_remote_code=True, device_map="cuda:0",
+        tiny_checkpoint,
+        torch_dtype=torch.bfloat16,
+        low_cpu_mem_usage=True,
+        use_flash_attn=False,
+        trust_remote_code=True,
+        device_map="cuda:0",
     ).eval()
 
 
@@ -52,9 +56,14 @@ def test_bf16_batch_chat_runs_on_cuda(cuda_bf16_model, tokenizer):
 
 def test_model_split_between_cuda_and_cpu_answers_like_the_cpu_model(tiny_checkpoint, tiny_model, tokenizer):
     device_map = {
-        "vision_model": 0, "mlp1": 0, "language_model.model.embed_tokens": 0,
-        "language_model.model.rotary_emb": 0, "language_model.model.layers.0": 0,
-        "language_model.model.layers.1": "cpu", "language_model.model.norm": "cpu", "language_model.lm_head": 0,
+        "vision_model": 0,
+        "mlp1": 0,
+        "language_model.model.embed_tokens": 0,
+        "language_model.model.rotary_emb": 0,
+        "language_model.model.layers.0": 0,
+        "language_model.model.layers.1": "cpu",
+        "language_model.model.norm": "cpu",
+        "language_model.lm_head": 0,
     }
     split = AutoModel.from_pretrained(
         tiny_checkpoint, trust_remote_code=True, dtype=torch.float32, device_map=device_map

@@ -39,18 +39,23 @@ card_find_closest_aspect_ratio = model_card_code.find_closest_aspect_ratio
 card_dynamic_preprocess = model_card_code.dynamic_preprocess
 card_load_image = model_card_code.load_image
 
+
 def card_target_ratios(min_num, max_num):
     """The first two statements of the card's dynamic_preprocess that build `target_ratios`."""
     target_ratios = set(
-        (i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1) if
-        i * j <= max_num and i * j >= min_num)
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if i * j <= max_num and i * j >= min_num
+    )
     target_ratios = sorted(target_ratios, key=lambda x: x[0] * x[1])
     return target_ratios
 
 
 def card_load_pil(image, input_size=448, max_num=12):
     """card_load_image for an already opened image: its first line is `.convert('RGB')` of it."""
-    image = image.convert('RGB')
+    image = image.convert("RGB")
     transform = card_build_transform(input_size=input_size)
     images = card_dynamic_preprocess(image, image_size=input_size, use_thumbnail=True, max_num=max_num)
     return torch.stack([transform(image) for image in images])
@@ -124,8 +129,21 @@ def threading_mode(request, monkeypatch):
 # photo shapes, and exact 2:1 and 1:2 ratios (tie 2x1 with 4x2, 1x2 with 2x4) on both sides of the
 # tie-break area (0.5 * 448**2 * 8 = 802816 pixels).
 SIZES = [
-    (1, 1), (2, 1), (1, 3), (7, 5), (4000, 50), (50, 4000), (448, 448), (447, 449), (640, 480), (480, 640),
-    (1000, 500), (1400, 700), (500, 1000), (700, 1400), (1200, 300),
+    (1, 1),
+    (2, 1),
+    (1, 3),
+    (7, 5),
+    (4000, 50),
+    (50, 4000),
+    (448, 448),
+    (447, 449),
+    (640, 480),
+    (480, 640),
+    (1000, 500),
+    (1400, 700),
+    (500, 1000),
+    (700, 1400),
+    (1200, 300),
 ]
 
 
@@ -134,7 +152,7 @@ SIZES = [
 # ------------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def png_of_size(size: tuple[int, int]) -> bytes:
     return encode(noise_image(*size, seed=size[0] * 7 + size[1]), "PNG", compress_level=1)
 
@@ -170,8 +188,27 @@ def test_load_image_equals_card_for_jpeg_and_png_files(tmp_path, fmt, threading_
     assert torch.equal(load_image(path, max_num=12), card_load_image(str(path), max_num=12))
 
 
-PIL_MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV",
-             "I", "I;16", "I;16L", "I;16B", "I;16N", "F"]
+PIL_MODES = [
+    "1",
+    "L",
+    "LA",
+    "P",
+    "PA",
+    "RGB",
+    "RGBA",
+    "RGBa",
+    "RGBX",
+    "CMYK",
+    "YCbCr",
+    "LAB",
+    "HSV",
+    "I",
+    "I;16",
+    "I;16L",
+    "I;16B",
+    "I;16N",
+    "F",
+]
 
 
 @pytest.mark.parametrize("mode", PIL_MODES)
@@ -216,8 +253,18 @@ class NonSeekableStream(io.RawIOBase):
         return len(chunk)
 
 
-INPUT_KINDS = ["str path", "pathlib path", "bytes", "bytearray", "memoryview", "BytesIO", "open file",
-               "non-seekable stream", "PIL image", "lazily opened PIL image"]
+INPUT_KINDS = [
+    "str path",
+    "pathlib path",
+    "bytes",
+    "bytearray",
+    "memoryview",
+    "BytesIO",
+    "open file",
+    "non-seekable stream",
+    "PIL image",
+    "lazily opened PIL image",
+]
 
 
 @pytest.mark.parametrize("kind", INPUT_KINDS)
@@ -535,8 +582,14 @@ def test_pixel_limit_warning_made_an_error_raises_image_too_large(monkeypatch):
 
 @pytest.mark.parametrize(
     ("value", "type_name"),
-    [(3, "int"), (None, "NoneType"), (1.5, "float"), ([1, 2], "list"), (np.zeros((4, 4, 3), np.uint8), "ndarray"),
-     (torch.zeros(3, 4, 4), "Tensor")],
+    [
+        (3, "int"),
+        (None, "NoneType"),
+        (1.5, "float"),
+        ([1, 2], "list"),
+        (np.zeros((4, 4, 3), np.uint8), "ndarray"),
+        (torch.zeros(3, 4, 4), "Tensor"),
+    ],
     ids=["int", "None", "float", "list", "numpy array", "torch tensor"],
 )
 def test_object_that_is_not_an_image_raises_type_error_naming_its_type(value, type_name):
@@ -610,7 +663,7 @@ def loaded_one_by_one(mixed_inputs):
 def test_parallel_loader_equals_loading_one_by_one_in_order(mixed_inputs, loaded_one_by_one, num_workers):
     result = load_images(mixed_inputs, max_num=6, num_workers=num_workers)
     assert len(result) == len(loaded_one_by_one)
-    assert all(torch.equal(a, b) for a, b in zip(result, loaded_one_by_one))
+    assert all(torch.equal(a, b) for a, b in zip(result, loaded_one_by_one, strict=True))
 
 
 def test_parallel_loader_accepts_any_iterable_one_image_and_none(mixed_inputs, loaded_one_by_one):

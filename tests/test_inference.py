@@ -98,7 +98,9 @@ def test_stop_strings_end_the_answer(tiny_model, tokenizer):
     full = tiny_model.chat(tokenizer, None, "Hello, who are you?", {**GREEDY, "max_new_tokens": 20})
     tokens = tokenizer(full, add_special_tokens=False).input_ids
     stop = tokenizer.decode(tokens[2:3])
-    stopped = tiny_model.chat(tokenizer, None, "Hello, who are you?", {**GREEDY, "max_new_tokens": 20, "stop_strings": [stop]})
+    stopped = tiny_model.chat(
+        tokenizer, None, "Hello, who are you?", {**GREEDY, "max_new_tokens": 20, "stop_strings": [stop]}
+    )
     assert stopped.endswith(stop.strip())
     assert len(stopped) < len(full)
 
@@ -164,9 +166,7 @@ def test_batch_chat_answers_equal_separate_chat_answers(tiny_model, tokenizer):
 def test_batch_chat_accepts_several_images_for_one_question(tiny_model, tokenizer):
     first, second = tiles(2, seed=6), tiles(1, seed=7)
     question = "Image-1: <image>\nImage-2: <image>\nCompare them."
-    expected = tiny_model.chat(
-        tokenizer, torch.cat([first, second]), question, GREEDY, num_patches_list=[2, 1]
-    )
+    expected = tiny_model.chat(tokenizer, torch.cat([first, second]), question, GREEDY, num_patches_list=[2, 1])
     batched = tiny_model.batch_chat(
         tokenizer, torch.cat([first, second]), [question, "Hi"], GREEDY, num_patches_list=[[2, 1], 0]
     )
@@ -206,7 +206,9 @@ def test_empty_question_is_rejected(tiny_model, tokenizer):
 
 
 def test_pixel_values_of_the_wrong_shape_are_rejected_by_chat(tiny_model, tokenizer):
-    with pytest.raises(ValueError, match=r"pixel_values must have shape \[num_tiles, 3, 448, 448\], got \[3, 448, 448\]"):
+    with pytest.raises(
+        ValueError, match=r"pixel_values must have shape \[num_tiles, 3, 448, 448\], got \[3, 448, 448\]"
+    ):
         tiny_model.chat(tokenizer, torch.randn(3, 448, 448), "Describe.", GREEDY)
 
 

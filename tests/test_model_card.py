@@ -19,7 +19,7 @@ import model_card_code
 import numpy as np
 from PIL import Image
 
-CARD_USAGE = '''
+CARD_USAGE = """
 path = __PATH__
 model = AutoModel.from_pretrained(
     path,
@@ -43,7 +43,7 @@ pixel_values = load_image(__IMAGE__, max_num=6).to(
 question = '\\nPlease describe the image shortly.'
 response = model.chat(tokenizer, pixel_values, question, generation_config)
 print(f'User: {question}\\nAssistant: {response}')
-'''
+"""
 
 
 def test_model_card_inference_snippet_runs_as_written_on_the_cpu(tiny_checkpoint, tmp_path):

@@ -89,7 +89,9 @@ def test_qk_norm_variance_ignores_the_dummy_channels():
     loud_dummies = x.clone()
     loud_dummies[..., attn.embed_dim :] *= 1000
     with torch.no_grad():
-        torch.testing.assert_close(attn.q_norm(x)[..., : attn.embed_dim], attn.q_norm(loud_dummies)[..., : attn.embed_dim])
+        torch.testing.assert_close(
+            attn.q_norm(x)[..., : attn.embed_dim], attn.q_norm(loud_dummies)[..., : attn.embed_dim]
+        )
 
 
 def test_eager_and_sdpa_give_the_same_logits():

@@ -111,8 +111,9 @@ def test_remote_model_gives_the_logits_of_the_package_model(saved_dir, tmp_path)
 
 
 def test_with_the_package_imported_a_model_directory_loads_without_remote_code(saved_dir):
-    import nvlm_d
     from transformers import AutoModel
+
+    import nvlm_d
 
     model = AutoModel.from_pretrained(saved_dir)
     assert type(model) is nvlm_d.NVLM_D_Model

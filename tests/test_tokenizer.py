@@ -394,9 +394,7 @@ def test_chat_template_renders_a_multi_turn_history(tokenizer):
 
 
 def test_chat_template_renders_an_image_part_as_the_image_placeholder_line(tokenizer):
-    messages = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}
-    ]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
     conversation = get_conv_template("chatml")
     user, assistant = conversation.roles
     conversation.append_message(user, "<image>\nDescribe the image.")

@@ -1,0 +1,74 @@
+"""`nvlm-d`: NVLM-D-72B from the command line.
+
+    nvlm-d demo                                   the whole pipeline offline, on a cached tiny random model
+    nvlm-d chat --model PATH [--image F] [Q]      one question, or an interactive session (stdin)
+    nvlm-d tiles IMAGE [--out tiles.png]          how an image is tiled, and what it costs in tokens
+    nvlm-d batch --model PATH --input R.jsonl --output A.jsonl
+                                                  resumable, crash-safe batch inference
+    nvlm-d plan [--gpus N] [--gpu-memory 80GiB]   how NVLM-D-72B fits on GPUs, without weights
+
+One module a command (demo.py, chat.py, tiles.py, batch.py, plan.py), with what they share in common.py. Adding
+a command: a module whose `add_parser(commands)` adds a subparser whose defaults set `handler`, listed in
+`COMMANDS`. Handlers take the parsed arguments and return an exit code; they raise `CLIError` for bad input,
+which `main` prints as one line (`nvlm-d: error: ...`) without a traceback.
+
+Heavy imports (torch, transformers) happen inside the handlers, so `--help` and argument errors are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from . import batch, chat, demo, plan, tiles
+from .common import PROG, CLIError, Parser, one_line, package_version, say
+
+# The subcommands, in the order `--help` lists them. A new command is one module more.
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    demo.add_parser,
+    chat.add_parser,
+    tiles.add_parser,
+    batch.add_parser,
+    plan.add_parser,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `nvlm-d` argument parser: one subparser per entry of `COMMANDS`, each setting `handler`."""
+    parser = Parser(
+        prog=PROG,
+        description="NVLM-D-72B (InternViT-6B + Qwen2-72B) from the command line.",
+        epilog=f"Start with '{PROG} demo' (offline, no weights needed). '{PROG} COMMAND --help' describes a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for add_command in COMMANDS:
+        add_command(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `nvlm-d` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except CLIError as exc:
+        say(f"{PROG}: error: {exc}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        say(f"{PROG}: interrupted")
+        return 130
+    except BrokenPipeError:  # stdout closed early (`nvlm-d ... | head`)
+        sys.stderr.close()
+        return 141
+    except Exception as exc:  # an unexpected failure: still one line, the traceback on request
+        if os.environ.get("NVLM_D_DEBUG"):
+            raise
+        say(f"{PROG}: error: {type(exc).__name__}: {one_line(exc)} (set NVLM_D_DEBUG=1 for the traceback)")
+        return 1

@@ -1,0 +1,407 @@
+"""`nvlm-d batch`: a JSONL file of requests, answered resumably and crash-safely."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..conversation import IMAGE_PLACEHOLDER
+from .common import (
+    DEFAULT_MAX_NEW_TOKENS,
+    PROG,
+    CLIError,
+    TokenCounter,
+    add_max_num,
+    add_placement_options,
+    fsync_dir,
+    is_int,
+    is_number,
+    load_model,
+    load_tiled_image,
+    one_line,
+    resolve_model_path,
+    resolve_placement,
+    say,
+    stack_images,
+    with_image_placeholders,
+)
+
+# Generation settings a batch request may carry, with their checks.
+_REQUEST_GENERATION_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "max_new_tokens": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "min_new_tokens": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "do_sample": (lambda v: isinstance(v, bool), "true or false"),
+    "temperature": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "num_beams": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "repetition_penalty": (lambda v: is_number(v) and v > 0, "a number > 0"),
+}
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "batch",
+        help="answer a JSONL file of requests, resumably and crash-safely",
+        description=(
+            "Answer every request of --input (one JSON object a line: id, question, optional image path or "
+            "list of paths, optional generation settings) into --output, one record a line, each flushed to "
+            "disk as it is made. Run again with the same --output to resume: ids already answered are skipped, "
+            "a line half-written by a crash is cut off first. A bad request becomes an error record and the "
+            "run goes on; error records are final unless --retry-errors is given. Exit code 1 if the output "
+            "holds any error record."
+        ),
+    )
+    parser.add_argument("--model", required=True, metavar="PATH", help="model directory (with config.json) or Hub id")
+    parser.add_argument("--input", required=True, metavar="JSONL", help="requests, one JSON object a line")
+    parser.add_argument("--output", required=True, metavar="JSONL", help="answers; appended to, and resumed from")
+    parser.add_argument("--retry-errors", action="store_true", help="drop earlier error records and retry them")
+    parser.add_argument("--seed", type=int, default=0, help="base seed for sampled answers (per-id, so resumes agree)")
+    add_max_num(parser)
+    add_placement_options(parser, DEFAULT_MAX_NEW_TOKENS)
+    parser.set_defaults(handler=_run_batch)
+
+
+# --------------------------------------------------------------------------------------------------------
+# nvlm-d batch
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BatchRequest:
+    """One input line. `key` identifies it in the output: ("id", type, id) for the first line of an id,
+    ("line", n) for a line without a usable id (bad JSON, no id, a duplicate id)."""
+
+    line: int
+    key: tuple
+    id: Any = None
+    question: str | None = None
+    images: list[str] = dataclasses.field(default_factory=list)
+    generation: dict[str, Any] = dataclasses.field(default_factory=dict)
+    error: str | None = None
+
+
+def _id_key(request_id: Any) -> tuple:
+    return ("id", type(request_id).__name__, request_id)
+
+
+def read_requests(path: Path) -> list[BatchRequest]:
+    """Parse a requests file; bad lines become requests carrying an `error` (never an exception). Blank lines are
+    skipped. Relative image paths resolve against the file's directory."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CLIError(f"cannot read --input {path}: {exc.strerror}") from None
+    requests: list[BatchRequest] = []
+    first_line_of: dict[tuple, int] = {}
+    for number, data in enumerate(raw.split(b"\n"), start=1):
+        if not data.strip():
+            continue
+        line_key = ("line", number)
+        try:
+            record = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            requests.append(BatchRequest(number, line_key, error=f"line {number} is not valid JSON: {exc}"))
+            continue
+        if not isinstance(record, dict):
+            requests.append(BatchRequest(number, line_key, error=f"line {number} is not a JSON object"))
+            continue
+        if "id" not in record or record["id"] is None:
+            requests.append(BatchRequest(number, line_key, error=f"line {number} has no id"))
+            continue
+        request_id = record["id"]
+        if not (isinstance(request_id, str) or is_int(request_id)):
+            requests.append(
+                BatchRequest(
+                    number, line_key, error=f"line {number}: id must be a string or an integer, got {request_id!r}"
+                )
+            )
+            continue
+        key = _id_key(request_id)
+        if key in first_line_of:
+            requests.append(
+                BatchRequest(
+                    number,
+                    line_key,
+                    error=(
+                        f"line {number}: duplicate id {request_id!r} (first on line {first_line_of[key]}); line skipped"
+                    ),
+                )
+            )
+            continue
+        first_line_of[key] = number
+        requests.append(_parse_request(record, number, key, path.absolute().parent))
+    return requests
+
+
+def _parse_request(record: dict, number: int, key: tuple, base: Path) -> BatchRequest:
+    request = BatchRequest(number, key, id=record["id"])
+    question = record.get("question")
+    if not isinstance(question, str) or not question.strip():
+        request.error = (
+            "missing question" if question is None else f"question must be a non-empty string, got {question!r}"
+        )
+        return request
+    image = record.get("image")
+    paths = [] if image is None else [image] if isinstance(image, str) else image
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        request.error = f"image must be a path or a list of paths, got {image!r}"
+        return request
+    request.images = [str(base / os.path.expanduser(p)) for p in paths]  # base / absolute == absolute
+    for name, (valid, expected) in _REQUEST_GENERATION_KEYS.items():
+        if name in record:
+            if not valid(record[name]):
+                request.error = f"{name} must be {expected}, got {record[name]!r}"
+                return request
+            request.generation[name] = record[name]
+    question = with_image_placeholders(question, len(paths))
+    if question.count(IMAGE_PLACEHOLDER) != len(paths):
+        request.error = (
+            f"the question has {question.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} marker(s) "
+            f"but {len(paths)} image(s) were given"
+        )
+        return request
+    request.question = question
+    return request
+
+
+class ResultLog:
+    """The output JSONL: an append-only log of one record per request, safe against `kill -9` and power loss.
+
+    * Every record is one line, written with a single `os.write` on an O_APPEND descriptor and `fsync`ed before
+      the next request starts: a record on disk is complete, and records reach the disk in order.
+    * So the only damage a crash can leave is a torn LAST line (a prefix of a record, without its newline, or
+      NUL bytes a power loss left at the end of the file). Opening the log cuts the file back to the end of its
+      last complete, parsable line (`ftruncate` + `fsync`) before anything is appended; the torn request is
+      simply answered again. Any other unreadable line is not something this writer produces, so it is an
+      error, never silently dropped.
+    * A failed write (disk full, ...) is cut back to the previous end of the file before the error is raised.
+    * An exclusive `flock` stops a second run from interleaving with this one; the kernel drops it when the
+      process dies, so a killed run never leaves a stale lock.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._open()
+
+    def _open(self) -> None:
+        self.done: set[tuple] = set()
+        self.answered = 0
+        self.errors = 0
+        self.repaired_bytes = 0
+        existed = self.path.exists()
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as exc:
+            raise CLIError(f"cannot open --output {self.path}: {exc.strerror}") from None
+        try:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # not POSIX: no lock
+            pass
+        except OSError:
+            os.close(self.fd)
+            raise CLIError(f"another process is writing to --output {self.path}") from None
+        if not existed:
+            fsync_dir(self.path.parent.resolve())  # the new file's name survives a power loss too
+        self._load()
+
+    def _read_all(self) -> bytes:
+        chunks, offset = [], 0
+        while True:
+            chunk = os.pread(self.fd, 1 << 20, offset)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            offset += len(chunk)
+
+    def _load(self) -> None:
+        data = self._read_all()
+        lines = data.split(b"\n")  # the last item is what follows the last newline: b"" or a torn record
+        keep = len(data) - len(lines[-1])
+        records = []
+        for index, raw in enumerate(lines[:-1]):
+            if not raw.strip():  # a blank line (an edit by hand): not a record
+                continue
+            record = self._parse(raw)
+            if record is None:
+                if index == len(lines) - 2 and not lines[-1].strip(b"\0") and not self._is_json(raw):
+                    keep -= len(raw) + 1  # an unparsable last line (e.g. NULs from a power loss): cut it too
+                    break
+                raise CLIError(
+                    f"--output {self.path} line {index + 1} is not an nvlm-d batch record; "
+                    "fix or remove that line (or use another --output)"
+                )
+            records.append(record)
+        if keep < len(data):
+            os.ftruncate(self.fd, keep)
+            os.fsync(self.fd)
+            self.repaired_bytes = len(data) - keep
+        self.size = keep
+        for record in records:
+            self._count(record)
+
+    @staticmethod
+    def _is_json(raw: bytes) -> bool:
+        try:
+            json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return False
+        return True
+
+    @staticmethod
+    def _parse(raw: bytes) -> dict | None:
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        if not isinstance(record, dict) or "id" not in record or not ("answer" in record or "error" in record):
+            return None
+        if record["id"] is None and not is_int(record.get("line")):
+            return None
+        return record
+
+    @staticmethod
+    def key(record: dict) -> tuple:
+        return _id_key(record["id"]) if record["id"] is not None else ("line", record["line"])
+
+    def _count(self, record: dict) -> None:
+        self.done.add(self.key(record))
+        if "error" in record:
+            self.errors += 1
+        else:
+            self.answered += 1
+
+    def drop_errors(self) -> int:
+        """Rewrite the log without its error records (atomically: temp file, fsync, rename); returns how many."""
+        if not self.errors:
+            return 0
+        kept = [raw for raw in self._read_all().split(b"\n")[:-1] if raw.strip() and "error" not in self._parse(raw)]
+        dropped = self.errors
+        fd, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(b"".join(raw + b"\n" for raw in kept))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, self.path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        fsync_dir(self.path.parent.resolve())
+        os.close(self.fd)  # the lock goes with the old file; take it on the new one
+        self._open()
+        return dropped
+
+    def append(self, record: dict) -> None:
+        """Write one record as one line and fsync it before returning."""
+        try:
+            text = json.dumps(record, ensure_ascii=False)
+            data = (text + "\n").encode("utf-8")
+        except UnicodeEncodeError:
+            data = (json.dumps(record) + "\n").encode("ascii")
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self.fd, view)
+                view = view[written:]
+            os.fsync(self.fd)
+        except BaseException:
+            os.ftruncate(self.fd, self.size)  # never leave a partial line for the next append to glue onto
+            raise
+        self.size += len(data)
+        self._count(record)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    input_path, output_path = Path(args.input), Path(args.output)
+    if not input_path.is_file():
+        raise CLIError(f"--input {args.input}: no such file")
+    if output_path.exists() and output_path.resolve() == input_path.resolve():
+        raise CLIError("--output must not be the --input file")
+    if output_path.is_dir():
+        raise CLIError(f"--output {args.output}: is a directory")
+    model_path = resolve_model_path(args.model)
+    requests = read_requests(input_path)
+    placement = resolve_placement(args)
+
+    log = ResultLog(output_path)
+    try:
+        if log.repaired_bytes:
+            say(f"{PROG} batch: cut a half-written last record ({log.repaired_bytes} bytes) from {output_path}")
+        if args.retry_errors:
+            dropped = log.drop_errors()
+            if dropped:
+                say(f"{PROG} batch: retrying {dropped} request(s) that had failed")
+        todo = [request for request in requests if request.key not in log.done]
+        say(
+            f"{PROG} batch: {len(requests)} request(s) in {input_path}, {len(requests) - len(todo)} already in "
+            f"{output_path}, {len(todo)} to do"
+        )
+        if any(request.error is None for request in todo):
+            started = time.perf_counter()
+            model, tokenizer = load_model(model_path, placement, args.gpus)
+            say(f"{PROG} batch: loaded {model_path} in {time.perf_counter() - started:.1f} s ({placement.description})")
+            _answer_all(todo, log, model, tokenizer, args)
+        else:
+            for request in todo:
+                log.append({"id": request.id, "line": request.line, "error": request.error})
+        say(f"{PROG} batch: {output_path} holds {log.answered} answer(s) and {log.errors} error record(s)")
+        return 1 if log.errors else 0
+    finally:
+        log.close()
+
+
+def _answer_all(todo: list[BatchRequest], log: ResultLog, model: Any, tokenizer: Any, args: argparse.Namespace) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    total_tokens, total_seconds = 0, 0.0
+    with tqdm(total=len(todo), file=sys.stderr, unit="req", desc="batch", dynamic_ncols=True) as progress:
+        for request in todo:
+            started = time.perf_counter()
+            if request.error is not None:
+                record = {"id": request.id, "line": request.line, "error": request.error}
+            else:
+                counter = TokenCounter()
+                try:
+                    images = [load_tiled_image(path, args.max_num) for path in request.images]
+                    pixel_values, num_patches_list = stack_images(images)
+                    generation = {"max_new_tokens": args.max_new_tokens, "do_sample": False, **request.generation}
+                    if generation.get("do_sample"):  # the same answer for an id, whether or not the run resumed
+                        torch.manual_seed(args.seed + zlib.crc32(json.dumps(request.id).encode()))
+                    answer = model.chat(
+                        tokenizer,
+                        pixel_values,
+                        request.question,
+                        generation,
+                        num_patches_list=num_patches_list,
+                        streamer=counter,
+                    )
+                    seconds = time.perf_counter() - started
+                    record = {"id": request.id, "answer": answer, "seconds": round(seconds, 3)}
+                    total_tokens += counter.count
+                    total_seconds += seconds
+                except CLIError as exc:
+                    record = {"id": request.id, "line": request.line, "error": str(exc)}
+                except Exception as exc:  # one request's failure (e.g. out of memory) must not end the run
+                    record = {"id": request.id, "line": request.line, "error": f"{type(exc).__name__}: {one_line(exc)}"}
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+            log.append(record)
+            progress.update(1)
+            if total_seconds:
+                progress.set_postfix_str(f"{total_tokens / total_seconds:.1f} tok/s, errors {log.errors}")

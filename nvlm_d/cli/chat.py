@@ -1,0 +1,169 @@
+"""`nvlm-d chat`: one question, or an interactive session with history, images and streaming."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from .common import (
+    DEFAULT_MAX_NEW_TOKENS,
+    PROG,
+    CLIError,
+    TiledImage,
+    add_max_num,
+    add_placement_options,
+    check_placeholders,
+    load_model,
+    load_tiled_image,
+    one_line,
+    resolve_model_path,
+    resolve_placement,
+    say,
+    stack_images,
+    stream_chat,
+    with_image_placeholders,
+)
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "chat",
+        help="ask a question (one-shot) or chat interactively, with images",
+        description=(
+            "With a QUESTION: answer it and exit. Without: an interactive session reading questions from stdin, "
+            "streaming the answers and keeping the history; /image PATH adds an image to the next question, "
+            "/reset clears the conversation, /quit (or end of input) ends it. Several images are numbered "
+            "'Image-1: <image>' ... unless the question places its own <image> markers."
+        ),
+    )
+    parser.add_argument("question", nargs="?", metavar="QUESTION", help="ask this and exit (omit for a session)")
+    parser.add_argument("--model", required=True, metavar="PATH", help="model directory (with config.json) or Hub id")
+    parser.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an image for the (first) question; repeat for several images",
+    )
+    add_max_num(parser)
+    add_placement_options(parser, DEFAULT_MAX_NEW_TOKENS)
+    parser.set_defaults(handler=_run_chat)
+
+
+# --------------------------------------------------------------------------------------------------------
+# nvlm-d chat
+# --------------------------------------------------------------------------------------------------------
+
+_CHAT_HELP = (
+    "type a question and press Enter. /image PATH adds an image to your next question, "
+    "/reset starts a new conversation, /quit (or Ctrl-D) ends."
+)
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    model_path = resolve_model_path(args.model)
+    for path in args.image:
+        if not os.path.exists(path):
+            raise CLIError(f"image not found: {path}")
+    one_shot = args.question is not None
+    if one_shot:
+        if not args.question.strip():
+            raise CLIError("the question is empty")
+        question = with_image_placeholders(args.question, len(args.image))
+        check_placeholders(question, len(args.image))
+    placement = resolve_placement(args)
+    images = [load_tiled_image(path, args.max_num) for path in args.image]  # bad images fail before the long load
+    model, tokenizer = load_model(model_path, placement, args.gpus)
+    generation_config = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
+    if not one_shot:
+        return _interactive_chat(model, tokenizer, generation_config, images, args.max_num)
+
+    pixel_values, num_patches_list = stack_images(images)
+    if sys.stdout.isatty():  # a person is watching: show the tokens as they come
+        stream_chat(model, tokenizer, pixel_values, question, generation_config, None, num_patches_list)
+    else:
+        answer = model.chat(tokenizer, pixel_values, question, generation_config, num_patches_list=num_patches_list)
+        print(answer, flush=True)
+    return 0
+
+
+def _read_line(prompt: str) -> str | None:
+    """The next line from stdin (None at end of input); a prompt only when a person is typing."""
+    if sys.stdin.isatty():
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return line.rstrip("\r\n") if line else None
+
+
+def _interactive_chat(
+    model: Any, tokenizer: Any, generation_config: dict, initial_images: list[TiledImage], max_num: int
+) -> int:
+    """Questions from stdin, streamed answers on stdout, status lines on stderr.
+
+    Every image of the conversation stays in it: each turn passes all of them (earlier questions keep their
+    `<image>` markers in the history, and `chat` expands every marker), so a follow-up can refer to them.
+    """
+    history: list[tuple[str, str]] = []
+    images: list[TiledImage] = []  # images already in the conversation
+    pending: list[TiledImage] = list(initial_images)  # added for the next question
+    say(f"{PROG} chat: {_CHAT_HELP}")
+    for image in pending:
+        say(f"image {len(images) + pending.index(image) + 1} added: {image.name}, {image.describe()}")
+    while True:
+        line = _read_line("you> ")
+        if line is None:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command, _, argument = text.partition(" ")
+            argument = argument.strip()
+            if command in ("/quit", "/exit"):
+                break
+            if command == "/reset":
+                history, images, pending = [], [], []
+                say("conversation cleared")
+            elif command == "/image":
+                if not argument:
+                    say(f"{PROG}: error: /image needs a path")
+                    continue
+                try:
+                    image = load_tiled_image(os.path.expanduser(argument), max_num)
+                except CLIError as exc:
+                    say(f"{PROG}: error: {exc}")
+                    continue
+                pending.append(image)
+                say(
+                    f"image {len(images) + len(pending)} added: {image.name}, {image.describe()}; "
+                    "it goes with your next question"
+                )
+            elif command == "/help":
+                say(_CHAT_HELP)
+            else:
+                say(f"{PROG}: error: unknown command {command} (/image PATH, /reset, /quit, /help)")
+            continue
+
+        question = with_image_placeholders(
+            text, len(pending), first_index=len(images) + 1, label=bool(images) or len(pending) > 1
+        )
+        try:
+            check_placeholders(question, len(pending))
+        except CLIError as exc:
+            say(f"{PROG}: error: {exc}")
+            continue
+        pixel_values, num_patches_list = stack_images(images + pending)
+        try:
+            _, history = stream_chat(
+                model, tokenizer, pixel_values, question, generation_config, history, num_patches_list
+            )
+        except (ValueError, TypeError) as exc:
+            say(f"{PROG}: error: {one_line(exc)}")
+            continue
+        images, pending = images + pending, []
+    return 0

@@ -1,0 +1,398 @@
+"""What the `nvlm-d` commands share: errors, options, image and model loading, streamed answers."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..conversation import IMAGE_PLACEHOLDER
+
+PROG = "nvlm-d"
+TILE_SIZE = 448  # NVLM-D's tile side in pixels
+TOKENS_PER_TILE = 256  # image tokens per tile after the pixel shuffle
+DEFAULT_MAX_NUM = 6  # tiles per image at most (the model card's example uses 6; load_image's default is 12)
+DEFAULT_MAX_NEW_TOKENS = 1024  # the model card's generation_config
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+class CLIError(Exception):
+    """Bad input or an unusable environment: printed as one `nvlm-d: error: ...` line, exit code 2."""
+
+    exit_code = 2
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (transformers' loading errors span several)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def say(*parts: object) -> None:
+    """A status line on stderr (stdout carries the answers)."""
+    print(*parts, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Argument parsing
+# --------------------------------------------------------------------------------------------------------
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line on stderr (no usage block), as every other CLI error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+        sys.exit(2)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def add_placement_options(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--gpus",
+        type=positive_int,
+        metavar="N",
+        help="spread the model over GPUs 0..N-1 with the model card's layer split (nvlm_d.device_map.split_model)",
+    )
+    where.add_argument(
+        "--device",
+        metavar="DEVICE",
+        help="put the whole model on one device: cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("bf16", "fp16", "fp32"),
+        help="weights' dtype (default: bf16 on a GPU, fp32 on the CPU)",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=max_new_tokens,
+        metavar="N",
+        help=f"generate at most N tokens per answer (default: {max_new_tokens})",
+    )
+
+
+def add_max_num(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-num",
+        type=positive_int,
+        default=DEFAULT_MAX_NUM,
+        metavar="N",
+        help=f"at most N tiles of 448x448 per image, thumbnail not counted (default: {DEFAULT_MAX_NUM})",
+    )
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("nvlm-d")
+    except Exception:
+        return "0+unknown"
+
+
+def fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Images: tiling decision and pixel values
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TiledImage:
+    """An image as the model gets it: its tiles' pixel values and how they were cut."""
+
+    name: str
+    size: tuple[int, int]  # original width, height
+    grid: tuple[int, int]  # cols, rows
+    pixel_values: Any  # float32 tensor [num_tiles, 3, 448, 448]
+
+    @property
+    def num_tiles(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+    def describe(self) -> str:
+        cols, rows = self.grid
+        if cols * rows == 1:
+            return f"grid 1x1 = 1 tile (a single tile doubles as the thumbnail; {TOKENS_PER_TILE} image tokens)"
+        return (
+            f"grid {cols}x{rows} (cols x rows, resized to {cols * TILE_SIZE}x{rows * TILE_SIZE}) + thumbnail "
+            f"= {self.num_tiles} tiles ({self.num_tiles * TOKENS_PER_TILE} image tokens)"
+        )
+
+
+def open_image_checked(path: str):
+    """Open and decode an image file with the image module's checks, as a CLIError on failure."""
+    from PIL import Image
+
+    if not os.path.exists(path):
+        raise CLIError(f"image not found: {path}")
+    if os.path.isdir(path):
+        raise CLIError(f"image is a directory, not a file: {path}")
+    try:
+        image = Image.open(path)
+        image.load()
+    except Image.DecompressionBombError as exc:
+        raise CLIError(f"image too large: {path}: {one_line(exc)}") from None
+    except Exception as exc:
+        raise CLIError(f"cannot read image {path}: {one_line(exc)}") from None
+    if image.size[0] == 0 or image.size[1] == 0:
+        raise CLIError(f"image has no pixels: {path}")
+    return image
+
+
+def load_tiled_image(path: str | os.PathLike, max_num: int) -> TiledImage:
+    """`load_image(path, max_num=max_num)` plus the grid it chose; bad files raise CLIError (one clear line)."""
+    from ..image_processing_nvlm_d import load_image, select_grid
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CLIError(f"image not found: {path}")
+    if os.path.isdir(path):
+        raise CLIError(f"image is a directory, not a file: {path}")
+    try:
+        pixel_values = load_image(path, max_num=max_num)
+    except (OSError, ValueError) as exc:  # InvalidImageError is an OSError, ImageTooLargeError a ValueError
+        raise CLIError(f"cannot read image {path}: {one_line(exc)}") from None
+    from PIL import Image
+
+    with Image.open(path) as image:  # the header only: the size for the grid
+        size = image.size
+    return TiledImage(path, size, select_grid(*size, max_num=max_num), pixel_values)
+
+
+def with_image_placeholders(question: str, num_new_images: int, first_index: int = 1, label: bool = False) -> str:
+    """The question with one `<image>` per new image in front, unless it already places its own.
+
+    One image gets `<image>\\n` (as `chat` itself adds); several, or `label=True`, get numbered lines
+    `Image-k: <image>\\n` starting at `first_index` (the InternVL/NVLM multi-image convention).
+    """
+    if num_new_images == 0 or IMAGE_PLACEHOLDER in question:
+        return question
+    if num_new_images == 1 and not label:
+        return f"{IMAGE_PLACEHOLDER}\n{question}"
+    lines = "".join(f"Image-{first_index + k}: {IMAGE_PLACEHOLDER}\n" for k in range(num_new_images))
+    return lines + question
+
+
+def check_placeholders(question: str, num_images: int) -> None:
+    found = question.count(IMAGE_PLACEHOLDER)
+    if found != num_images:
+        raise CLIError(
+            f"the question has {found} {IMAGE_PLACEHOLDER} marker(s) but {num_images} image(s) were given: "
+            f"use one marker per image, or none to have them put in front"
+        )
+
+
+def stack_images(images: Sequence[TiledImage]) -> tuple[Any, list[int] | None]:
+    """pixel_values and num_patches_list for `chat` (None, None without images)."""
+    if not images:
+        return None, None
+    import torch
+
+    return torch.cat([image.pixel_values for image in images]), [image.num_tiles for image in images]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Models: paths, placement, loading, generation helpers
+# --------------------------------------------------------------------------------------------------------
+
+
+def resolve_model_path(path: str) -> str:
+    """A local model directory (must hold config.json) or, when no such path exists, a Hub repo id."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise CLIError(f"--model {path}: not a model directory (no config.json in it)")
+        return str(local)
+    if local.exists():
+        raise CLIError(f"--model {path}: is a file; expected a model directory (with config.json)")
+    if _HUB_ID.fullmatch(path):
+        return path  # from the Hugging Face cache, or downloaded when online
+    raise CLIError(f"--model {path}: no such directory")
+
+
+@dataclasses.dataclass
+class Placement:
+    device_map: Any  # None (CPU), {"": device} or split_model's map
+    device: str  # where inputs go first ("cpu", "cuda:0", ...)
+    dtype: Any  # torch dtype
+    description: str
+
+
+def resolve_placement(args: argparse.Namespace) -> Placement:
+    """Where and in which dtype to load, from --gpus / --device / --dtype; CLIError when impossible here."""
+    import torch
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    cuda = torch.cuda.is_available()
+    if args.gpus is not None:
+        if not cuda:
+            raise CLIError(f"--gpus {args.gpus}: no CUDA device is available here; use --device cpu")
+        if args.gpus > torch.cuda.device_count():
+            raise CLIError(f"--gpus {args.gpus}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        dtype = dtypes[args.dtype or "bf16"]
+        return Placement("split", "cuda:0", dtype, f"{args.gpus} GPU(s), {args.dtype or 'bf16'}")
+    device = args.device or ("cuda" if cuda else "cpu")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {device}: not a device (try cpu, cuda or cuda:1)") from None
+    if kind == "cuda" and not cuda:
+        raise CLIError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    dtype_name = args.dtype or ("fp32" if kind == "cpu" else "bf16")
+    device_map = None if kind == "cpu" else {"": device}
+    return Placement(device_map, device, dtypes[dtype_name], f"{device}, {dtype_name}")
+
+
+def quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def load_model(path: str, placement: Placement, gpus: int | None = None) -> tuple[Any, Any]:
+    """`AutoModel.from_pretrained(path, trust_remote_code=True, ...)` and its tokenizer, quietly.
+
+    Raises CLIError when either cannot be loaded."""
+    quiet_transformers()
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    try:
+        kwargs: dict[str, Any] = {"trust_remote_code": True, "dtype": placement.dtype}
+        if placement.device_map == "split":
+            from ..device_map import split_model
+
+            config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+            num_layers = config.llm_config.num_hidden_layers
+            kwargs["device_map"] = split_model(gpus, num_layers=num_layers)
+        elif placement.device_map is not None:
+            kwargs["device_map"] = placement.device_map
+        model = AutoModel.from_pretrained(path, **kwargs).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    except CLIError:
+        raise
+    except Exception as exc:
+        raise CLIError(f"cannot load the model from {path}: {one_line(exc)}") from None
+    if not callable(getattr(model, "chat", None)):
+        raise CLIError(f"{path} is not an NVLM-D model ({type(model).__name__} has no chat method)")
+    return model, tokenizer
+
+
+class TokenCounter:
+    """A generation streamer that only counts: new tokens, and when the first one came (prefill done)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.count = 0
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # generate's first call carries the prompt
+            self._prompt_seen = True
+            return
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.count += int(value.numel())
+
+    def end(self) -> None:
+        self.finished_at = time.perf_counter()
+
+
+def stream_chat(
+    model: Any,
+    tokenizer: Any,
+    pixel_values: Any,
+    question: str,
+    generation_config: dict,
+    history: list,
+    num_patches_list: list[int] | None,
+    out=None,
+) -> tuple[str, list]:
+    """`model.chat` with its tokens printed to `out` as they come (TextIteratorStreamer, generation in a thread).
+
+    Returns (answer, new history). An exception in the generation thread is re-raised here.
+    """
+    from transformers import TextIteratorStreamer
+
+    out = out or sys.stdout
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    result: dict[str, Any] = {}
+
+    def generate() -> None:
+        try:
+            result["value"] = model.chat(
+                tokenizer,
+                pixel_values,
+                question,
+                generation_config,
+                history=history,
+                return_history=True,
+                num_patches_list=num_patches_list,
+                streamer=streamer,
+            )
+        except BaseException as exc:  # handed to the caller; end the stream so the reader does not wait forever
+            result["error"] = exc
+            streamer.end()
+
+    thread = threading.Thread(target=generate, name="nvlm_d-generate", daemon=True)
+    thread.start()
+    # Print exactly the answer `chat` returns (which is stripped): no leading whitespace, and trailing
+    # whitespace held back until more text follows it.
+    started, held = False, ""
+    for text in streamer:
+        if not started:
+            text = text.lstrip()
+            started = bool(text)
+        text = held + text
+        body = text.rstrip()
+        held = text[len(body) :]
+        out.write(body)
+        out.flush()
+    thread.join()
+    out.write("\n")
+    out.flush()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
