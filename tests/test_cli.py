@@ -6,6 +6,7 @@ greedy decoding on the CPU in float32 is deterministic, so the CLI must print ex
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -653,3 +654,20 @@ def test_plan_that_fits_no_gpu_count_says_so(cli_main):
     code, _ = cli_main("plan", "--gpu-memory", "1GB")
     assert code == 1
     assert "does not fit on any number of GPUs" in cli_main.stdout
+
+
+def test_batch_answers_a_beam_search_request(cli_main, tiny_checkpoint, tiny_model, tokenizer, tmp_path):
+    requests = write_jsonl(tmp_path / "requests.jsonl", [{"id": 1, "question": "Hello?", "num_beams": 2}])
+    answers = tmp_path / "answers.jsonl"
+    code, stderr = cli_main("batch", "--model", tiny_checkpoint, "--input", requests, "--output", answers, *FAST)
+    assert code == 0, stderr
+    expected = tiny_model.chat(tokenizer, None, "Hello?", {**GREEDY4, "num_beams": 2})
+    assert read_records(answers)[0]["answer"] == expected
+
+
+def test_interactive_chat_accepts_the_same_image_twice(cli_main, tiny_checkpoint, images, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Compare them.\n/quit\n"))
+    image = images / "scene.png"
+    code, stderr = cli_main("chat", "--model", tiny_checkpoint, "--image", image, "--image", image, *FAST)
+    assert code == 0, stderr
+    assert "image 1 added" in stderr and "image 2 added" in stderr

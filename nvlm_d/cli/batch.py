@@ -383,17 +383,19 @@ def _answer_all(todo: list[BatchRequest], log: ResultLog, model: Any, tokenizer:
                     generation = {"max_new_tokens": args.max_new_tokens, "do_sample": False, **request.generation}
                     if generation.get("do_sample"):  # the same answer for an id, whether or not the run resumed
                         torch.manual_seed(args.seed + zlib.crc32(json.dumps(request.id).encode()))
+                    # transformers refuses a streamer with beam search: count those answers' tokens afterwards
+                    streamed = generation.get("num_beams", 1) == 1
                     answer = model.chat(
                         tokenizer,
                         pixel_values,
                         request.question,
                         generation,
                         num_patches_list=num_patches_list,
-                        streamer=counter,
+                        streamer=counter if streamed else None,
                     )
                     seconds = time.perf_counter() - started
                     record = {"id": request.id, "answer": answer, "seconds": round(seconds, 3)}
-                    total_tokens += counter.count
+                    total_tokens += counter.count if streamed else len(tokenizer(answer).input_ids)
                     total_seconds += seconds
                 except CLIError as exc:
                     record = {"id": request.id, "line": request.line, "error": str(exc)}

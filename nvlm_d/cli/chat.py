@@ -112,8 +112,8 @@ def _interactive_chat(
     images: list[TiledImage] = []  # images already in the conversation
     pending: list[TiledImage] = list(initial_images)  # added for the next question
     say(f"{PROG} chat: {_CHAT_HELP}")
-    for image in pending:
-        say(f"image {len(images) + pending.index(image) + 1} added: {image.name}, {image.describe()}")
+    for number, image in enumerate(pending, start=len(images) + 1):
+        say(f"image {number} added: {image.name}, {image.describe()}")
     while True:
         line = _read_line("you> ")
         if line is None:
@@ -162,8 +162,8 @@ def _interactive_chat(
             _, history = stream_chat(
                 model, tokenizer, pixel_values, question, generation_config, history, num_patches_list
             )
-        except (ValueError, TypeError) as exc:
-            say(f"{PROG}: error: {one_line(exc)}")
+        except Exception as exc:  # e.g. out of memory on a long answer: the session goes on
+            say(f"{PROG}: error: {type(exc).__name__}: {one_line(exc)}")
             continue
         images, pending = images + pending, []
     return 0

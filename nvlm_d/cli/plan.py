@@ -8,6 +8,8 @@ from pathlib import Path
 
 from .common import CLIError, one_line, positive_int, quiet_transformers, resolve_model_path
 
+MAX_GPUS = 64  # the largest GPU count searched for a plan that fits
+
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
@@ -83,21 +85,27 @@ def _run_plan(args: argparse.Namespace) -> int:
         "tiles": args.tiles,
         "model": model,
     }
-    plan = plan_device_map(args.gpus, **settings) if args.gpus else smallest_gpu_count(**settings)
+    plan = plan_device_map(args.gpus, **settings) if args.gpus else smallest_gpu_count(MAX_GPUS, **settings)
     if plan is None:
         print(
-            f"NVLM-D does not fit on any number of GPUs of {args.gpu_memory} up to 64 (one decoder layer, "
+            f"NVLM-D does not fit on any number of GPUs of {args.gpu_memory} up to {MAX_GPUS} (one decoder layer, "
             "the vision tower or their reserves exceed one GPU)"
         )
         return 1
     print(f"{len(plan.gpus)} GPU(s) of {args.gpu_memory}:")
     print(format_plan(plan))
     if not plan.fits:
-        needed = smallest_gpu_count(**settings)
-        advice = f"it needs {len(needed.gpus)} GPUs of {args.gpu_memory}" if needed else "no GPU count up to 64 fits"
+        needed = smallest_gpu_count(MAX_GPUS, **settings)
+        if needed:
+            advice = f"it needs {len(needed.gpus)} GPUs of {args.gpu_memory}"
+        else:
+            advice = f"no GPU count up to {MAX_GPUS} fits"
         print(f"NVLM-D does not fit on {args.gpus} GPU(s) of {args.gpu_memory} ({args.dtype}): {advice}")
         return 1
     if args.save:
-        Path(args.save).write_text(json.dumps(plan.device_map, indent=1) + "\n")
+        try:
+            Path(args.save).write_text(json.dumps(plan.device_map, indent=1) + "\n")
+        except OSError as exc:
+            raise CLIError(f"--save {args.save}: cannot write the device map ({exc.strerror or exc})") from None
         print(f"device map written to {args.save}")
     return 0
