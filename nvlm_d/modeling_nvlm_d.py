@@ -1,36 +1,37 @@
 """NVLM-D: InternViT-6B tiles -> pixel shuffle -> `mlp1` -> Qwen2 decoder, whose `<|vision_pad|>` embeddings are
 replaced by the image features.
 
-The image features enter once, at prefill: `generate` builds the merged prompt embeddings and hands them to
-transformers' generation loop, whose later steps read only the KV cache. Nothing here assumes a device: inputs
-follow the embedding layer, image features follow the embeddings they replace, so any accelerate device map
-(GPUs, CPU, disk) works.
+The image features enter in `forward`, as in transformers' own InternVL: `forward(input_ids, pixel_values, ...)`
+embeds the prompt and scatters one image token into every `<|vision_pad|>` position. `generate` is transformers'
+own loop (`prepare_inputs_for_generation` passes the images at prefill only), so every decoding feature works:
+sampling, beams, assisted decoding, stop strings, streamers, static caches, `torch.compile`. Nothing here assumes a
+device: inputs go where the module that reads them executes, so any accelerate device map (GPUs, CPU, disk) works.
 """
 
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel, Qwen2ForCausalLM
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.generation import LogitsProcessor, LogitsProcessorList
+from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import is_flash_attn_2_available, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_nvlm_d import NVLM_D_Config
-from .conversation import (
-    IM_END_TOKEN,
-    IMAGE_PLACEHOLDER,
-    IMG_CONTEXT_TOKEN,
-    build_prompt,
-    get_conv_template,
-)
+from .conversation import IM_END_TOKEN, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, build_prompt, get_conv_template
 from .modeling_intern_vit import InternVisionModel
 
 logger = logging.get_logger(__name__)
+
+# Generation settings that look back over the token history. The reference generated from the prompt's embeddings,
+# so they saw the generated tokens only; `chat` keeps that (see `_on_generated_tokens_only`).
+_HISTORY_SETTINGS = ("repetition_penalty", "no_repeat_ngram_size")
 
 
 def _apply_use_flash_attn(config: NVLM_D_Config, use_flash_attn: bool | None) -> None:
@@ -44,15 +45,87 @@ def _apply_use_flash_attn(config: NVLM_D_Config, use_flash_attn: bool | None) ->
         config._attn_implementation = "sdpa"
 
 
-def _generation_kwargs(generation_config: dict | GenerationConfig | None) -> dict[str, Any]:
-    """Keyword arguments for `generate`, in a fresh dict: the caller's dict or GenerationConfig is never modified."""
-    if generation_config is None:
-        return {}
-    if isinstance(generation_config, GenerationConfig):
-        return {"generation_config": copy.deepcopy(generation_config)}
-    if isinstance(generation_config, dict):
-        return dict(generation_config)
-    raise TypeError(f"generation_config must be a dict or a GenerationConfig, got {type(generation_config).__name__}")
+def execution_device(module: nn.Module) -> torch.device:
+    """Where `module` computes: accelerate's execution device when a device map placed or offloaded it (its weights
+    may then be on `meta`), else the device of its first real parameter."""
+    for submodule in module.modules():
+        hook = getattr(submodule, "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.device.type != "meta":
+            return tensor.device
+    return torch.device("cpu")
+
+
+class _GeneratedTokensOnly(LogitsProcessor):
+    """Runs `processor` on the generated tokens alone, not on the prompt that precedes them in `input_ids`."""
+
+    def __init__(self, processor: LogitsProcessor, prompt_length: int) -> None:
+        self.processor = processor
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return self.processor(input_ids[:, self.prompt_length :], scores)
+
+
+def _on_generated_tokens_only(config: GenerationConfig, prompt_length: int) -> LogitsProcessorList:
+    """Moves `repetition_penalty` and `no_repeat_ngram_size` out of `config` (in place) into processors that see the
+    generated tokens only, as in the reference, whose generation started from the prompt's embeddings."""
+    from transformers.generation import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    processors = LogitsProcessorList()
+    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+        processors.append(
+            RepetitionPenaltyLogitsProcessor(config.repetition_penalty, prompt_ignore_length=prompt_length)
+        )
+    if config.no_repeat_ngram_size:
+        processors.append(
+            _GeneratedTokensOnly(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size), prompt_length)
+        )
+    config.repetition_penalty = None
+    config.no_repeat_ngram_size = None
+    return processors
+
+
+def _chat_generation_config(settings: dict | GenerationConfig | None, tokenizer: Any) -> tuple[GenerationConfig, dict]:
+    """`chat`'s `generation_config` (never modified) as a fresh GenerationConfig and the other `generate` keywords a
+    dict may hold (`assistant_model`, `logits_processor`, ...). Where the caller names none, generation stops at
+    `<|im_end|>` and pads with the tokenizer's pad token."""
+    extra: dict = {}
+    if settings is None:
+        config = GenerationConfig()
+    elif isinstance(settings, GenerationConfig):
+        config = copy.deepcopy(settings)
+    elif isinstance(settings, dict):
+        config = GenerationConfig()
+        extra = config.update(**settings)
+    else:
+        raise TypeError(f"generation_config must be a dict or a GenerationConfig, got {type(settings).__name__}")
+    if config.eos_token_id is None:
+        config.eos_token_id = tokenizer.convert_tokens_to_ids(IM_END_TOKEN)
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    return config, extra
+
+
+def _positive_counts(name: str, counts: Any, allow_zero: bool = False) -> list[int]:
+    """`counts` as a list of Python ints (numpy and torch integers accepted), each >= 1 (or >= 0)."""
+    if isinstance(counts, (str, bytes)) or not isinstance(counts, Sequence):
+        raise TypeError(f"{name} must be a list of tile counts, got {counts!r}")
+    values = []
+    for count in counts:
+        if isinstance(count, bool):
+            raise TypeError(f"{name} must hold tile counts (ints), got {counts!r}")
+        try:
+            value = operator.index(count)
+        except TypeError:
+            raise TypeError(f"{name} must hold tile counts (ints), got {counts!r}") from None
+        if value < (0 if allow_zero else 1):
+            raise ValueError(f"{name} must hold tile counts >= {0 if allow_zero else 1}, got {counts!r}")
+        values.append(value)
+    return values
 
 
 class NVLM_D_Model(PreTrainedModel, GenerationMixin):
@@ -82,14 +155,9 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
             raise ValueError(f"vision_batch_size must be a positive int or None, got {vision_batch_size!r}")
         _apply_use_flash_attn(config, use_flash_attn)
         super().__init__(config)
-        self.template = config.template
-        self.select_layer = config.select_layer
-        self.downsample_ratio = config.downsample_ratio
-        self.ps_version = config.ps_version
-        self.num_image_token = config.num_image_token
-        self.img_context_token_id = config.image_token_id
-        self.system_message = get_conv_template(config.template).system_message
         self.vision_batch_size = vision_batch_size
+        # `chat`'s system prompt (the template's, "Answer the questions."); assign to change it, as in InternVL.
+        self.system_message = get_conv_template(config.template).system_message
 
         # Modules in the order data flows through them: accelerate fills devices in this order, so the vision tower
         # and the projector land beside the decoder's embeddings.
@@ -104,6 +172,36 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         )
         self.language_model = language_model if language_model is not None else Qwen2ForCausalLM(config.llm_config)
         self.post_init()
+        if self.generation_config.pad_token_id is None:
+            # Qwen2's tokenizer pads with <|endoftext|>, the id the decoder config calls bos_token_id; knowing it,
+            # `generate` infers the attention mask of left-padded input_ids passed without one.
+            self.generation_config.pad_token_id = llm.pad_token_id if llm.pad_token_id is not None else llm.bos_token_id
+
+    # ----------------------------------------------------------------------------------------------------------
+    # What InternVL-style code reads off the model (all derived from the config)
+    # ----------------------------------------------------------------------------------------------------------
+    @property
+    def num_image_token(self) -> int:
+        """Decoder tokens per tile (256)."""
+        return self.config.num_image_token
+
+    @property
+    def template(self) -> str:
+        return self.config.template
+
+    @property
+    def img_context_token_id(self) -> int:
+        """The id of `<|vision_pad|>`, whose embeddings the image features replace (`config.image_token_id`)."""
+        return self.config.image_token_id
+
+    @img_context_token_id.setter
+    def img_context_token_id(self, value: int) -> None:
+        # InternVL training and evaluation scripts assign the tokenizer's context-token id here.
+        if value != self.config.image_token_id:
+            raise ValueError(
+                f"NVLM-D's image features replace token id {self.config.image_token_id} (<|vision_pad|>, "
+                f"config.image_token_id); got {value}"
+            )
 
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()
@@ -124,33 +222,62 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         x = x.reshape(tiles, rows, int(cols * scale_factor), int(channels / scale_factor))  # merge column pairs
         x = x.permute(0, 2, 1, 3)
         x = x.reshape(tiles, int(cols * scale_factor), int(rows * scale_factor), int(channels / scale_factor**2))
-        if self.ps_version == "v1":
+        if self.config.ps_version == "v1":
             logger.warning_once("ps_version 'v1' yields a transposed grid; NVLM-D and InternVL 1.5+ use 'v2'.")
             return x.contiguous()
         return x.permute(0, 2, 1, 3).contiguous()
 
-    def _vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.select_layer == -1:
-            hidden = self.vision_model(pixel_values, output_hidden_states=False, return_dict=True).last_hidden_state
-        else:
-            outputs = self.vision_model(pixel_values, output_hidden_states=True, return_dict=True)
-            hidden = outputs.hidden_states[self.select_layer]
+    def _encode_tiles(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk of tiles -> (the selected ViT hidden state, its pixel-shuffled patch tokens)."""
+        select_layer = self.config.select_layer
+        outputs = self.vision_model(pixel_values, output_hidden_states=select_layer != -1, return_dict=True)
+        hidden = outputs.last_hidden_state if select_layer == -1 else outputs.hidden_states[select_layer]
         patches = hidden[:, 1:, :]  # the class token is dropped
         grid = round(patches.shape[1] ** 0.5)
-        shuffled = self.pixel_shuffle(patches.reshape(patches.shape[0], grid, grid, -1), self.downsample_ratio)
-        return shuffled.reshape(shuffled.shape[0], -1, shuffled.shape[-1])
+        shuffled = self.pixel_shuffle(patches.reshape(patches.shape[0], grid, grid, -1), self.config.downsample_ratio)
+        return hidden, shuffled.reshape(shuffled.shape[0], -1, shuffled.shape[-1])
+
+    def _encode(self, pixel_values: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checked pixel values -> (ViT hidden state, visual features), `vision_batch_size` tiles at a time."""
+        pixel_values = self._check_pixel_values(pixel_values)
+        first_param = self.vision_model.embeddings.patch_embedding.weight
+        pixel_values = pixel_values.to(device=execution_device(self.vision_model), dtype=first_param.dtype)
+        chunk = self.vision_batch_size or pixel_values.shape[0]
+        parts = [self._encode_tiles(part) for part in pixel_values.split(chunk)]
+        return torch.cat([hidden for hidden, _ in parts]), torch.cat([features for _, features in parts])
+
+    def get_visual_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[tiles, 3, 448, 448] -> the pixel-shuffled ViT outputs [tiles, 256, 12800] that `chat(visual_features=...)`,
+        `generate` and `forward` accept in place of `pixel_values` (the projector `mlp1` still runs on them).
+
+        Use it to encode an image once and ask several questions about it, or to cache features on disk.
+        """
+        return self._encode(pixel_values)[1]
+
+    def project_visual_features(self, visual_features: Any) -> torch.Tensor:
+        """`mlp1` on visual features [tiles, 256, 12800] -> decoder-ready image features [tiles, 256, hidden]."""
+        visual_features = self._check_visual_features(visual_features)
+        # The LayerNorm's dtype: a quantized projector stores its Linear weights as int8/uint8.
+        norm = self.mlp1[0]
+        return self.mlp1(visual_features.to(device=execution_device(self.mlp1), dtype=norm.weight.dtype))
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """transformers' multimodal interface: `last_hidden_state` is the ViT hidden state the features are read from
+        ([tiles, 1025, 3200], class token included) and `pooler_output` the decoder-ready image features
+        [tiles, 256, llm hidden size], one per `<|vision_pad|>` token."""
+        hidden, visual_features = self._encode(pixel_values)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=hidden, pooler_output=self.project_visual_features(visual_features)
+        )
 
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[tiles, 3, 448, 448] -> image features [tiles, 256, llm hidden size].
+        """The reference's name: [tiles, 3, 448, 448] -> image features [tiles, 256, llm hidden size].
 
-        `pixel_values` are cast to the vision tower's dtype and device. When `vision_batch_size` is set, tiles go
-        through the tower that many at a time, bounding activation memory; the result is the same.
+        `pixel_values` (any float dtype and device) are cast to the vision tower's dtype and device. When
+        `vision_batch_size` is set, tiles go through the tower that many at a time, bounding activation memory; the
+        result is the same.
         """
-        first_param = self.vision_model.embeddings.patch_embedding.weight
-        pixel_values = pixel_values.to(device=first_param.device, dtype=first_param.dtype)
-        chunk = self.vision_batch_size or pixel_values.shape[0]
-        features = torch.cat([self._vision_features(part) for part in pixel_values.split(chunk)])
-        return self.mlp1(features)
+        return self.project_visual_features(self.get_visual_features(pixel_values))
 
     def _check_pixel_values(self, pixel_values: Any) -> torch.Tensor:
         vision = self.config.vision_config
@@ -176,25 +303,25 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         shape = tuple(visual_features.shape)
         if len(shape) != 3 or shape[0] == 0 or shape[1:] != (self.num_image_token, width):
             raise ValueError(
-                f"visual_features must have shape {expected} (pixel-shuffled ViT outputs), got {list(shape)}"
+                f"visual_features must have shape {expected} (pixel-shuffled ViT outputs, see get_visual_features), "
+                f"got {list(shape)}"
             )
         return visual_features
 
-    def get_image_features(
+    def _image_features(
         self,
-        pixel_values: torch.Tensor | None = None,
-        visual_features: torch.Tensor | None = None,
-        image_flags: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None,
+        visual_features: torch.Tensor | None,
+        image_flags: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Decoder-ready image features [tiles, 256, llm hidden size] from pixel values, or from precomputed
-        `visual_features` (pixel-shuffled ViT outputs [tiles, 256, 12800]), which skip the vision tower.
-        `image_flags` ([tiles] or [tiles, 1], 1 for a real tile) drops padding tiles of a training batch."""
+        """Decoder-ready features of the real tiles: from `visual_features` when given, else from `pixel_values`;
+        `image_flags` ([tiles] or [tiles, 1], 1 for a real tile) drops the padding tiles of a training batch."""
+        if pixel_values is not None and visual_features is not None:
+            raise ValueError("Pass pixel_values or visual_features, not both")
         if visual_features is not None:
-            visual_features = self._check_visual_features(visual_features)
-            mlp1_param = self.mlp1[1].weight
-            features = self.mlp1(visual_features.to(device=mlp1_param.device, dtype=mlp1_param.dtype))
+            features = self.project_visual_features(visual_features)
         else:
-            features = self.extract_feature(self._check_pixel_values(pixel_values))
+            features = self.extract_feature(pixel_values)
         if image_flags is not None:
             flags = image_flags.reshape(-1)
             if flags.shape[0] != features.shape[0]:
@@ -224,7 +351,7 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
 
     def _embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
         embeddings = self.get_input_embeddings()
-        return embeddings(input_ids.to(embeddings.weight.device))
+        return embeddings(input_ids.to(execution_device(embeddings)))
 
     # ----------------------------------------------------------------------------------------------------------
     # Forward and generation
@@ -248,9 +375,10 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
-        """Logits (and, with `labels`, the shifted next-token loss, -100 ignored) of the decoder over the
-        prompt, whose `<|vision_pad|>` embeddings are replaced by the features of `pixel_values`
-        (or `visual_features`). Works without images (text only) and without torch.distributed."""
+        """Logits (and, with `labels`, the shifted next-token loss, -100 ignored) of the decoder over `input_ids`,
+        whose `<|vision_pad|>` embeddings are replaced by the features of `pixel_values` (or `visual_features`),
+        one tile's 256 features per 256 pad tokens, in order. Works without images (text only) and without
+        torch.distributed. The argument order is the reference's (InternVL training code passes keywords)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -258,7 +386,7 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         if pixel_values is not None or visual_features is not None:
             if input_ids is None:
                 raise ValueError("Images need input_ids, to find the <|vision_pad|> positions their features replace")
-            image_features = self.get_image_features(pixel_values, visual_features, image_flags)
+            image_features = self._image_features(pixel_values, visual_features, image_flags)
             inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -276,7 +404,15 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return outputs if return_dict else outputs.to_tuple()
 
-    @torch.no_grad()
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs) -> dict:
+        """transformers' preparation, which passes `pixel_values` at prefill only; `visual_features` and
+        `image_flags` likewise (later steps read the image through the KV cache)."""
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            inputs.pop("visual_features", None)
+            inputs.pop("image_flags", None)
+        return inputs
+
     def generate(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -286,38 +422,46 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         generation_config: GenerationConfig | None = None,
         **generate_kwargs,
     ) -> torch.LongTensor | Any:
-        """Generate from a prompt and its images; returns the new tokens only (as the reference does).
+        """transformers' `generate` on a prompt and its images; returns the NEW tokens only (the reference's
+        contract, which its clients rely on: do not slice the prompt off), also inside a `return_dict_in_generate`
+        output's `sequences`.
 
-        The prompt's `<|vision_pad|>` embeddings are replaced by the image features once; transformers' loop
-        (greedy, sampling, beams, stop strings, streamers, static caches) then runs on the merged embeddings.
+        `input_ids` and `attention_mask` may live on any device (they go to the embeddings' device); without an
+        `attention_mask`, left padding (`<|endoftext|>`) is recognised, as in transformers' text models. Every
+        `generate` keyword works: sampling, beams, `num_return_sequences`, `assistant_model`, stop strings,
+        streamers, `cache_implementation="static"`, `compile_config`, logits processors.
         """
-        if "inputs_embeds" in generate_kwargs:
+        if input_ids is None:
+            if "inputs_embeds" not in generate_kwargs:
+                raise ValueError("generate needs input_ids (or inputs_embeds)")
             if pixel_values is not None or visual_features is not None:
                 raise ValueError("Pass images with input_ids, not with inputs_embeds (their features are merged in)")
-            inputs_embeds = generate_kwargs.pop("inputs_embeds")
-        else:
-            input_ids = self._check_input_ids(input_ids)
-            inputs_embeds = self._embed(input_ids)
-            if pixel_values is not None or visual_features is not None:
-                image_features = self.get_image_features(pixel_values, visual_features)
-                inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
-            elif bool((input_ids == self.img_context_token_id).any()):
-                raise ValueError(
-                    f"The prompt has image tokens (id {self.img_context_token_id}) but no pixel_values were given"
-                )
+            return super().generate(
+                attention_mask=attention_mask, generation_config=generation_config, **generate_kwargs
+            )
+        input_ids = self._check_input_ids(input_ids).to(execution_device(self.get_input_embeddings()))
         if attention_mask is not None:
-            attention_mask = attention_mask.to(inputs_embeds.device)
-        return super().generate(
-            inputs_embeds=inputs_embeds,
+            attention_mask = attention_mask.to(input_ids.device)
+        if pixel_values is None and visual_features is None and bool((input_ids == self.img_context_token_id).any()):
+            raise ValueError(
+                f"The prompt has image tokens (id {self.img_context_token_id}) but no pixel_values were given"
+            )
+        outputs = super().generate(
+            input_ids=input_ids,
             attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            visual_features=visual_features,
             generation_config=generation_config,
             **generate_kwargs,
         )
+        prompt_length = input_ids.shape[1]
+        if isinstance(outputs, torch.Tensor):
+            return outputs[:, prompt_length:]
+        outputs.sequences = outputs.sequences[:, prompt_length:]
+        return outputs
 
     @staticmethod
     def _check_input_ids(input_ids: Any) -> torch.LongTensor:
-        if input_ids is None:
-            raise ValueError("generate needs input_ids (or inputs_embeds)")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int):
             raise TypeError(
                 f"input_ids must be an integer torch.Tensor, got {getattr(input_ids, 'dtype', type(input_ids))}"
@@ -330,6 +474,8 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
     # Chat (the reference API)
     # ----------------------------------------------------------------------------------------------------------
     def _num_tiles(self, pixel_values: torch.Tensor | None, visual_features: torch.Tensor | None) -> int:
+        if pixel_values is not None and visual_features is not None:
+            raise ValueError("Pass pixel_values or visual_features, not both")
         if visual_features is not None:
             return self._check_visual_features(visual_features).shape[0]
         if pixel_values is not None:
@@ -340,15 +486,18 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
     def _check_num_patches(num_patches_list: Any, num_tiles: int) -> list[int]:
         if num_patches_list is None:
             return [num_tiles] if num_tiles else []
-        if not isinstance(num_patches_list, (list, tuple)) or not all(
-            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in num_patches_list
-        ):
-            raise TypeError(f"num_patches_list must be a list of positive ints, got {num_patches_list!r}")
-        if sum(num_patches_list) != num_tiles:
+        counts = _positive_counts("num_patches_list", num_patches_list)
+        if sum(counts) != num_tiles:
+            raise ValueError(f"num_patches_list sums to {sum(counts)} tiles but pixel_values holds {num_tiles} tiles")
+        return counts
+
+    def _chat_image_token(self, tokenizer: Any, image_context_token: str) -> None:
+        token_id = tokenizer.convert_tokens_to_ids(image_context_token)
+        if token_id != self.img_context_token_id:
             raise ValueError(
-                f"num_patches_list sums to {sum(num_patches_list)} tiles but pixel_values holds {num_tiles} tiles"
+                f"IMG_CONTEXT_TOKEN={image_context_token!r} is token id {token_id}, but NVLM-D's image features "
+                f"replace id {self.img_context_token_id} (<|vision_pad|>, config.image_token_id)"
             )
-        return list(num_patches_list)
 
     def _generate_text(
         self,
@@ -358,65 +507,49 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None,
         visual_features: torch.Tensor | None,
         streamer: Any = None,
-    ) -> list[str]:
-        """Tokenize prompts (left-padded when several), generate until `<|im_end|>`, decode and strip."""
+    ) -> list[list[str]]:
+        """Tokenize prompts (left-padded when several), generate until `<|im_end|>`, decode and strip; returns the
+        answers of each prompt (one, or `num_return_sequences`)."""
         input_ids, attention_mask = _left_pad(
-            [tokenizer(p, return_tensors="pt").input_ids[0] for p in prompts], tokenizer
+            [tokenizer(p, return_tensors="pt").input_ids[0] for p in prompts], tokenizer.pad_token_id
         )
-        kwargs = _generation_kwargs(generation_config)
-        kwargs["eos_token_id"] = tokenizer.convert_tokens_to_ids(IM_END_TOKEN)
-        kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+        config, extra = _chat_generation_config(generation_config, tokenizer)
+        history_processors = _on_generated_tokens_only(config, input_ids.shape[1])
+        extra["logits_processor"] = LogitsProcessorList([*extra.get("logits_processor", []), *history_processors])
+        extra.setdefault("tokenizer", tokenizer)
         output_ids = self.generate(
             pixel_values=pixel_values,
             input_ids=input_ids,
             attention_mask=attention_mask,
             visual_features=visual_features,
+            generation_config=config,
             streamer=streamer,
-            tokenizer=tokenizer,
-            **kwargs,
+            **extra,
         )
         sequences = output_ids if isinstance(output_ids, torch.Tensor) else output_ids.sequences
-        texts = tokenizer.batch_decode(sequences, skip_special_tokens=True)
-        return [text.split(IM_END_TOKEN)[0].strip() for text in texts]
+        texts = [
+            text.split(IM_END_TOKEN)[0].strip() for text in tokenizer.batch_decode(sequences, skip_special_tokens=True)
+        ]
+        per_prompt = len(texts) // len(prompts)
+        return [texts[k * per_prompt : (k + 1) * per_prompt] for k in range(len(prompts))]
 
-    def _chat(
-        self,
-        mode: str,
-        tokenizer: Any,
-        pixel_values: torch.Tensor | None,
-        question: str,
-        generation_config: dict | GenerationConfig | None,
-        history: Sequence[tuple[str, str]] | None,
-        num_patches_list: Sequence[int] | None,
-        image_context_token: str,
-        verbose: bool,
-        visual_features: torch.Tensor | None,
-        streamer: Any,
-    ) -> tuple[str, list[tuple[str, str]]]:
-        if not isinstance(question, str):
-            raise TypeError(f"question must be a string, got {type(question).__name__}")
-        num_patches_list = self._check_num_patches(num_patches_list, self._num_tiles(pixel_values, visual_features))
-        if num_patches_list and history is None and IMAGE_PLACEHOLDER not in question:
-            question = IMAGE_PLACEHOLDER + "\n" + question
-        self.img_context_token_id = tokenizer.convert_tokens_to_ids(image_context_token)
-        prompt = build_prompt(
-            question,
-            num_patches_list,
-            history,
-            template=self.template,
-            system_message=self.system_message,
-            num_image_token=self.num_image_token,
-            context_token=image_context_token,
-            mode=mode,
-        )
-        if verbose:
-            logger.warning(f"NVLM-D prompt (image tokens hidden):\n{prompt.replace(image_context_token, '')}")
-        (response,) = self._generate_text(
-            tokenizer, [prompt], generation_config, pixel_values, visual_features, streamer
-        )
-        if verbose:
-            logger.warning(f"NVLM-D response: {response}")
-        return response, [*(history or []), (question, response)]
+    def _explain_placeholder_mismatch(
+        self, error: ValueError, question: str, added_placeholder: bool, history: Any, num_images: int
+    ) -> ValueError:
+        """`build_prompt`'s placeholder error, reworded for what the caller of `chat` did."""
+        in_history = sum(turn[0].count(IMAGE_PLACEHOLDER) for turn in history or [])
+        if added_placeholder:
+            return ValueError(
+                f"chat put one {IMAGE_PLACEHOLDER} in front of the question (it had none) but {num_images} images "
+                f"were given: put one {IMAGE_PLACEHOLDER} per image in the question, e.g. "
+                f"'Image-1: {IMAGE_PLACEHOLDER}\\nImage-2: {IMAGE_PLACEHOLDER}\\n{question}'"
+            )
+        if in_history and num_images == 0:
+            return ValueError(
+                f"the history holds {in_history} {IMAGE_PLACEHOLDER} placeholder(s) from earlier turns: pass the same "
+                "pixel_values (and num_patches_list) as in those turns again, since every turn re-reads its images"
+            )
+        return error
 
     def chat(
         self,
@@ -433,7 +566,9 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         verbose: bool = False,
         visual_features: torch.Tensor | None = None,
         streamer: Any = None,
-    ) -> str | tuple[str, list[tuple[str, str]]]:
+        *,
+        prompt_mode: str = "chat",
+    ) -> str | list[str] | tuple[str, list[tuple[str, str]]]:
         """Answer `question` about the images in `pixel_values` (None for text only), as NVLM-D's reference does.
 
         Args:
@@ -442,71 +577,75 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
             question: the user's turn; `<image>` marks where each image goes (`<image>\\n` is put in front
                 when there are images, no history and no placeholder).
             generation_config: dict (or GenerationConfig) of generation settings, e.g.
-                `dict(max_new_tokens=1024, do_sample=False)`; not modified.
-            history: earlier (question, answer) pairs; not modified.
+                `dict(max_new_tokens=1024, do_sample=False)`; not modified. Generation stops at `<|im_end|>` unless
+                it names its own `eos_token_id`. As in the reference, `repetition_penalty` and
+                `no_repeat_ngram_size` look at the generated tokens only, not at the prompt.
+            history: earlier (question, answer) pairs; not modified. Their `<image>` placeholders are expanded again
+                from `pixel_values`, so pass the same images on every turn.
             return_history: also return the history with this turn appended.
             num_patches_list: tiles per image when `pixel_values` stacks several images.
             IMG_START_TOKEN, IMG_END_TOKEN: accepted for compatibility; NVLM wraps images in `<Image>`
                 and `</Image>` text, as the reference does.
-            IMG_CONTEXT_TOKEN: the token whose embeddings are replaced by image features.
+            IMG_CONTEXT_TOKEN: the token whose embeddings are replaced by image features (`<|vision_pad|>`).
             verbose: log the prompt (without image tokens) and the response.
-            visual_features: precomputed pixel-shuffled ViT outputs [tiles, 256, 12800], used instead of
+            visual_features: precomputed features from `get_visual_features` [tiles, 256, 12800], used instead of
                 running the vision tower.
             streamer: a transformers streamer (e.g. `TextIteratorStreamer(tokenizer, skip_prompt=True)`).
+            prompt_mode: "chat" (the reference's prompt), "no_system" (no system turn) or "raw" (no template);
+                `chat_without_sys_prompt` and `chat_without_chat_prompt` set it.
 
         Returns:
-            The response (generation stops at `<|im_end|>`; the text is stripped), and the new history when
-            `return_history` is true.
+            The response (stripped), or a list of `num_return_sequences` responses when that setting is above 1;
+            with `return_history`, also the new history.
         """
-        response, new_history = self._chat(
-            "chat",
-            tokenizer,
-            pixel_values,
-            question,
-            generation_config,
-            history,
-            num_patches_list,
-            IMG_CONTEXT_TOKEN,
-            verbose,
-            visual_features,
-            streamer,
+        if not isinstance(question, str):
+            raise TypeError(f"question must be a string, got {type(question).__name__}")
+        num_patches_list = self._check_num_patches(num_patches_list, self._num_tiles(pixel_values, visual_features))
+        self._chat_image_token(tokenizer, IMG_CONTEXT_TOKEN)
+        added_placeholder = bool(num_patches_list) and history is None and IMAGE_PLACEHOLDER not in question
+        if added_placeholder:
+            question = IMAGE_PLACEHOLDER + "\n" + question
+        try:
+            prompt = build_prompt(
+                question,
+                num_patches_list,
+                history,
+                template=self.template,
+                system_message=self.system_message,
+                num_image_token=self.num_image_token,
+                context_token=IMG_CONTEXT_TOKEN,
+                mode=prompt_mode,
+            )
+        except ValueError as error:
+            if "placeholder" not in str(error):
+                raise
+            raise self._explain_placeholder_mismatch(
+                error, question, added_placeholder, history, len(num_patches_list)
+            ) from None
+        if verbose:
+            logger.warning(f"NVLM-D prompt (image tokens hidden):\n{prompt.replace(IMG_CONTEXT_TOKEN, '')}")
+        (responses,) = self._generate_text(
+            tokenizer, [prompt], generation_config, pixel_values, visual_features, streamer
         )
-        return (response, new_history) if return_history else response
+        if verbose:
+            logger.warning(f"NVLM-D response: {responses}")
+        response: str | list[str] = responses[0] if len(responses) == 1 else responses
+        if not return_history:
+            return response
+        if len(responses) > 1:
+            raise ValueError(
+                f"return_history needs one answer per turn, but num_return_sequences gave {len(responses)}: "
+                "generate without return_history and put the answer you keep into history yourself"
+            )
+        return response, [*(history or []), (question, response)]
 
-    def chat_without_sys_prompt(
-        self,
-        tokenizer: Any,
-        pixel_values: torch.Tensor | None,
-        question: str,
-        generation_config: dict | GenerationConfig | None,
-        history: Sequence[tuple[str, str]] | None = None,
-        return_history: bool = False,
-        num_patches_list: Sequence[int] | None = None,
-        IMG_START_TOKEN: str = "<|vision_start|>",
-        IMG_END_TOKEN: str = "<|vision_end|>",
-        IMG_CONTEXT_TOKEN: str = IMG_CONTEXT_TOKEN,
-        verbose: bool = False,
-        visual_features: torch.Tensor | None = None,
-        streamer: Any = None,
-    ) -> str | tuple[str, list[tuple[str, str]]]:
-        """`chat` with a prompt that has no system turn: `<|im_start|>user\\n...<|im_end|><|im_start|>assistant\\n`.
+    def chat_without_sys_prompt(self, *args, **kwargs) -> str | list[str] | tuple[str, list[tuple[str, str]]]:
+        """`chat` (same arguments) with a prompt that has no system turn:
+        `<|im_start|>user\\n...<|im_end|><|im_start|>assistant\\n`.
 
         (The reference's version cuts the prompt in the middle of its system text; this one builds what its name
         says.)"""
-        response, new_history = self._chat(
-            "no_system",
-            tokenizer,
-            pixel_values,
-            question,
-            generation_config,
-            history,
-            num_patches_list,
-            IMG_CONTEXT_TOKEN,
-            verbose,
-            visual_features,
-            streamer,
-        )
-        return (response, new_history) if return_history else response
+        return self.chat(*args, **kwargs, prompt_mode="no_system")
 
     def chat_without_chat_prompt(
         self,
@@ -515,28 +654,23 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         question: str,
         generation_config: dict | GenerationConfig | None,
         num_patches_list: Sequence[int] | None = None,
-        IMG_START_TOKEN: str = "<|vision_start|>",
-        IMG_END_TOKEN: str = "<|vision_end|>",
-        IMG_CONTEXT_TOKEN: str = IMG_CONTEXT_TOKEN,
-        verbose: bool = False,
-        visual_features: torch.Tensor | None = None,
-        streamer: Any = None,
-    ) -> str:
-        """Complete the bare question (placeholders expanded, no conversation template)."""
-        response, _ = self._chat(
-            "raw",
+        *args,
+        **kwargs,
+    ) -> str | list[str]:
+        """Complete the bare question (placeholders expanded, no conversation template). The arguments are `chat`'s
+        without `history` and `return_history`, as in the reference."""
+        return self.chat(
             tokenizer,
             pixel_values,
             question,
             generation_config,
             None,
+            False,
             num_patches_list,
-            IMG_CONTEXT_TOKEN,
-            verbose,
-            visual_features,
-            streamer,
+            *args,
+            prompt_mode="raw",
+            **kwargs,
         )
-        return response
 
     def batch_chat(
         self,
@@ -550,19 +684,22 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         IMG_CONTEXT_TOKEN: str = IMG_CONTEXT_TOKEN,
         verbose: bool = False,
         visual_features: torch.Tensor | None = None,
-    ) -> list[str]:
+    ) -> list[str] | list[list[str]]:
         """Answer several single-turn questions in one left-padded batch; each answer equals that of `chat`.
 
         `num_patches_list` has one entry per question: the tile count of its image (0 for a text-only
         question), or a list of tile counts when it has several images. `pixel_values` stacks every tile in
         question order. Without `num_patches_list`, every question is text only (then `pixel_values` must be
         None) or, when `pixel_values` is given and there is one question, it gets all the tiles.
+
+        Returns one answer per question, or, when `num_return_sequences` is above 1, a list of that many answers per
+        question.
         """
         if isinstance(questions, str) or not isinstance(questions, Sequence) or not questions:
             raise TypeError("questions must be a non-empty list of strings")
         num_tiles = self._num_tiles(pixel_values, visual_features)
         per_question = _images_per_question(num_patches_list, len(questions), num_tiles)
-        self.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+        self._chat_image_token(tokenizer, IMG_CONTEXT_TOKEN)
         prompts = []
         for question, tiles in zip(questions, per_question, strict=True):
             if not isinstance(question, str):
@@ -580,7 +717,8 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         if verbose:
             for prompt in prompts:
                 logger.warning(f"NVLM-D prompt (image tokens hidden):\n{prompt.replace(IMG_CONTEXT_TOKEN, '')}")
-        return self._generate_text(tokenizer, prompts, generation_config, pixel_values, visual_features)
+        answers = self._generate_text(tokenizer, prompts, generation_config, pixel_values, visual_features)
+        return [group[0] for group in answers] if all(len(group) == 1 for group in answers) else answers
 
 
 def _images_per_question(
@@ -591,27 +729,25 @@ def _images_per_question(
         if num_tiles and num_questions != 1:
             raise ValueError(f"pass num_patches_list to say which of the {num_tiles} tiles belong to which question")
         return [[num_tiles] if num_tiles else []] * num_questions
-    if not isinstance(num_patches_list, (list, tuple)) or len(num_patches_list) != num_questions:
+    if isinstance(num_patches_list, (str, bytes)) or not isinstance(num_patches_list, Sequence):
+        raise TypeError(f"num_patches_list must be a list with one entry per question, got {num_patches_list!r}")
+    if len(num_patches_list) != num_questions:
         raise ValueError(
             f"num_patches_list must have one entry per question ({num_questions}), got {num_patches_list!r}"
         )
     per_question = []
     for entry in num_patches_list:
-        counts = [entry] if isinstance(entry, int) else entry
-        if not isinstance(counts, (list, tuple)) or not all(
-            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts
-        ):
-            raise TypeError(f"num_patches_list entries must be tile counts (ints >= 0) or lists of them, got {entry!r}")
-        per_question.append([n for n in counts if n > 0])
+        counts = [entry] if not isinstance(entry, Sequence) else entry
+        per_question.append([n for n in _positive_counts("num_patches_list", counts, allow_zero=True) if n > 0])
     total = sum(sum(counts) for counts in per_question)
     if total != num_tiles:
         raise ValueError(f"num_patches_list sums to {total} tiles but pixel_values holds {num_tiles} tiles")
     return per_question
 
 
-def _left_pad(sequences: list[torch.Tensor], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(sequences: list[torch.Tensor], pad_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack token sequences, padded on the left (so every prompt ends where generation starts)."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id if pad_token_id is not None else 0
     length = max(len(seq) for seq in sequences)
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)

@@ -59,7 +59,7 @@ def test_visual_features_skip_the_vision_tower_and_give_the_same_answer(tiny_mod
     pixel_values = tiles(2, seed=2)
     expected = tiny_model.chat(tokenizer, pixel_values, "Describe.", GREEDY)
     with torch.no_grad():
-        visual_features = tiny_model._vision_features(pixel_values)
+        visual_features = tiny_model.get_visual_features(pixel_values)
     calls = []
     hook = tiny_model.vision_model.register_forward_hook(lambda *args: calls.append(1))
     try:
