@@ -35,11 +35,13 @@ QWEN2_72B = {
 }
 
 
-# How a model directory maps transformers' Auto classes to this remote code (as in the released config.json).
+# How a model directory maps transformers' Auto classes to this remote code: the released config.json's three
+# entries, and the class `pipeline("image-text-to-text")` loads.
 AUTO_MAP = {
     "AutoConfig": "configuration_nvlm_d.NVLM_D_Config",
     "AutoModel": "modeling_nvlm_d.NVLM_D_Model",
     "AutoModelForCausalLM": "modeling_nvlm_d.NVLM_D_Model",
+    "AutoModelForImageTextToText": "modeling_nvlm_d.NVLM_D_Model",
 }
 
 

@@ -170,9 +170,10 @@ def build_prompt(
     return expand_image_placeholders(text, num_patches_list, num_image_token, context_token)
 
 
-# Renders the same text as `build_prompt` (before image expansion) for `tokenizer.apply_chat_template`:
-# NVLM's default system message when none is given, no newline after `<|im_end|>`. Content given as a list
-# of parts renders image parts as the `<image>` placeholder followed by a newline.
+# Renders the same text as `build_prompt` (before image expansion) for `apply_chat_template`: NVLM's default
+# system message when none is given, no newline after `<|im_end|>`. Content given as a list of parts renders image
+# parts as the `<image>` placeholder followed by a newline. Each assistant answer and its `<|im_end|>` sit in a
+# `{% generation %}` block, so that `return_assistant_tokens_mask=True` marks exactly what a fine-tune learns.
 CHAT_TEMPLATE = (
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{- content -}}"
@@ -189,7 +190,12 @@ CHAT_TEMPLATE = (
     "{%- set conversation = messages -%}"
     "{%- endif -%}"
     "{%- for message in conversation -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- generation -%}{{- render(message['content']) + '<|im_end|>' -}}{%- endgeneration -%}"
+    "{%- else -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + render(message['content']) + '<|im_end|>' -}}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )

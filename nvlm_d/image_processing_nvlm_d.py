@@ -32,6 +32,8 @@ from typing import BinaryIO
 import numpy as np
 import torch
 from PIL import Image
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.processing_utils import ImagesKwargs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -273,13 +275,21 @@ def build_transform(input_size: int) -> Callable[[Image.Image], torch.Tensor]:
     return ImageTransform(input_size)
 
 
-def _tiles_tensor(rgb: Image.Image, image_size: int, max_num: int, *, use_threads: bool) -> torch.Tensor:
+def _tiles_tensor(
+    rgb: Image.Image,
+    image_size: int,
+    max_num: int,
+    *,
+    use_threads: bool,
+    min_num: int = 1,
+    use_thumbnail: bool = True,
+) -> torch.Tensor:
     """`load_image` after decoding: tiles (+ thumbnail) of an RGB image as a float32 [N, 3, s, s] tensor."""
     s = image_size
     width, height = rgb.size
-    cols, rows = _closest_grid(width, height, 1, max_num, s)
+    cols, rows = _closest_grid(width, height, min_num, max_num, s)
     n_tiles = cols * rows
-    with_thumbnail = n_tiles > 1
+    with_thumbnail = use_thumbnail and n_tiles > 1
     out = np.empty((n_tiles + with_thumbnail, 3, s, s), dtype=np.float32)
 
     def resize_grid() -> np.ndarray:
@@ -505,12 +515,120 @@ def load_images(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+# --------------------------------------------------------------------------------------------------------
+# The transformers image processor
+# --------------------------------------------------------------------------------------------------------
+
+
+class NVLM_D_ImagesKwargs(ImagesKwargs, total=False):
+    """The tiling settings `NVLM_D_ImageProcessor` (and so `NVLM_D_Processor`) take per call."""
+
+    min_dynamic_patch: int
+    max_dynamic_patch: int
+    use_thumbnail: bool
+
+
+class NVLM_D_ImageProcessor(BaseImageProcessor):
+    """The model card's `load_image` as a transformers image processor: each image is decoded and converted to RGB
+    as the card does (no EXIF rotation), tiled into `min_dynamic_patch..max_dynamic_patch` tiles of
+    `image_size` px plus a thumbnail (`use_thumbnail`), and normalised with the ImageNet mean and std.
+
+    Returns `pixel_values` (float32 [total tiles, 3, s, s], the tiles of all images in order, bit-identical to
+    `load_image(image, max_num=max_dynamic_patch)` stacked) and `num_patches` (tiles per image). The defaults are
+    NVLM-D-72B's config (`max_dynamic_patch` 6, thumbnail on), which vLLM reads as well; the card's `load_image`
+    defaults to 12.
+
+    Images may be paths, encoded bytes, binary files or PIL images (URLs are not downloaded); see `load_image`.
+    """
+
+    valid_kwargs = NVLM_D_ImagesKwargs
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        image_size: int = 448,
+        min_dynamic_patch: int = 1,
+        max_dynamic_patch: int = 6,
+        use_thumbnail: bool = True,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.image_size = _positive_int("image_size", image_size)
+        self.min_dynamic_patch, self.max_dynamic_patch = _tile_range(min_dynamic_patch, max_dynamic_patch)
+        self.use_thumbnail = bool(use_thumbnail)
+        if tuple(image_mean) != IMAGENET_MEAN or tuple(image_std) != IMAGENET_STD:
+            raise ValueError(
+                f"NVLM-D normalises with the ImageNet mean {IMAGENET_MEAN} and std {IMAGENET_STD}, "
+                f"got {tuple(image_mean)} and {tuple(image_std)}"
+            )
+        self.image_mean, self.image_std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+        self._valid_kwargs_names = list(NVLM_D_ImagesKwargs.__annotations__)
+
+    def fetch_images(self, images: object) -> object:
+        """Decode every image (nested lists kept) as the card does: `Image.open(...).convert("RGB")`, without the
+        EXIF rotation that transformers' own loader applies."""
+        if isinstance(images, (list, tuple)):
+            return [self.fetch_images(image) for image in images]
+        return _open_rgb(images)
+
+    def preprocess(
+        self,
+        images: object,
+        min_dynamic_patch: int | None = None,
+        max_dynamic_patch: int | None = None,
+        use_thumbnail: bool | None = None,
+        return_tensors: str | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        ignored = sorted(name for name, value in kwargs.items() if value is not None)
+        if ignored:
+            raise ValueError(
+                f"NVLM_D_ImageProcessor does not take {ignored}: tiles are always {self.image_size} px, resized "
+                "bicubically and normalised as the model card does (settings: min/max_dynamic_patch, use_thumbnail)"
+            )
+        min_num, max_num = _tile_range(
+            self.min_dynamic_patch if min_dynamic_patch is None else min_dynamic_patch,
+            self.max_dynamic_patch if max_dynamic_patch is None else max_dynamic_patch,
+        )
+        thumbnail = self.use_thumbnail if use_thumbnail is None else bool(use_thumbnail)
+        decoded = _flatten(self.fetch_images(images))
+        tiles = [
+            _tiles_tensor(
+                image, self.image_size, max_num, use_threads=_CPU_COUNT > 1, min_num=min_num, use_thumbnail=thumbnail
+            )
+            for image in decoded
+        ]
+        data = {"pixel_values": torch.cat(tiles), "num_patches": [len(t) for t in tiles]}
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def get_number_of_image_patches(self, height: int, width: int, images_kwargs: dict | None = None) -> int:
+        """Tiles (thumbnail included) an image of this size gets: what `preprocess` would return for it."""
+        images_kwargs = images_kwargs or {}
+        min_num = images_kwargs.get("min_dynamic_patch") or self.min_dynamic_patch
+        max_num = images_kwargs.get("max_dynamic_patch") or self.max_dynamic_patch
+        cols, rows = select_grid(width, height, min_num, max_num, self.image_size)
+        thumbnail = images_kwargs.get("use_thumbnail", self.use_thumbnail)
+        return cols * rows + (1 if thumbnail and cols * rows > 1 else 0)
+
+
+def _flatten(images: object) -> list[Image.Image]:
+    if isinstance(images, (list, tuple)):
+        return [image for item in images for image in _flatten(item)]
+    return [images]  # type: ignore[list-item]
+
+
+NVLM_D_ImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ImageTooLargeError",
     "ImageTransform",
     "InvalidImageError",
+    "NVLM_D_ImageProcessor",
     "build_transform",
     "dynamic_preprocess",
     "find_closest_aspect_ratio",

@@ -94,9 +94,17 @@ def copy_tokenizer(directory: str | os.PathLike) -> None:
 
 
 def save_tiny_checkpoint(directory: str | os.PathLike, seed: int = 0, **config_overrides) -> Path:
-    """Write a self-contained tiny model directory: config with `auto_map`, the remote-code modules,
-    safetensors weights and the tokenizer. Returns the directory."""
+    """Write a self-contained tiny model directory, as a user's `save_pretrained` calls would: config with
+    `auto_map`, the remote-code modules, safetensors weights, the tokenizer and the processor. Returns the
+    directory."""
+    from transformers import AutoTokenizer
+
+    from .processing_nvlm_d import NVLM_D_Processor
+
     directory = Path(directory)
-    build_tiny_model(seed, **config_overrides).save_pretrained(directory)
+    model = build_tiny_model(seed, **config_overrides)
+    model.save_pretrained(directory)
     copy_tokenizer(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    NVLM_D_Processor.from_model_config(model.config, tokenizer).save_pretrained(directory)
     return directory

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from transformers import AutoConfig, Qwen2Config
+from transformers import AutoConfig, AutoProcessor, Qwen2Config
 
 from nvlm_d.configuration_nvlm_d import InternVisionConfig, NVLM_D_Config
 
@@ -79,18 +79,27 @@ def test_repository_config_describes_the_released_model(released_config, repo_ro
     assert _fields(ours) == _fields(released_config)
     assert _fields(ours.vision_config) == _fields(released_config.vision_config)
     assert _fields(ours.llm_config) == _fields(released_config.llm_config)
-    assert ours.auto_map == released_config.auto_map
+    assert released_config.auto_map.items() <= ours.auto_map.items()
+    assert ours.auto_map["AutoModelForImageTextToText"] == "modeling_nvlm_d.NVLM_D_Model"
 
 
-def test_repository_config_json_is_what_the_build_tool_writes(repo_root, tmp_path):
+def test_repository_config_files_are_what_the_build_tool_writes(repo_root, tmp_path):
     subprocess.run(
         [sys.executable, str(repo_root / "tools" / "build_config.py"), "--output", str(tmp_path)], check=True
     )
-    written = json.loads((tmp_path / "config.json").read_text())
-    committed = json.loads((repo_root / "config.json").read_text())
-    for config_dict in (written, committed):
-        config_dict.pop("transformers_version")
-    assert written == committed
+    for name in ("config.json", "processor_config.json"):
+        written = json.loads((tmp_path / name).read_text())
+        committed = json.loads((repo_root / name).read_text())
+        for config_dict in (written, committed):
+            config_dict.pop("transformers_version", None)
+        assert written == committed, name
+
+
+def test_repository_root_loads_as_a_processor(repo_root):
+    processor = AutoProcessor.from_pretrained(repo_root, trust_remote_code=True)
+    assert type(processor).__name__ == "NVLM_D_Processor"
+    assert processor.image_processor.max_dynamic_patch == 6
+    assert processor.image_seq_length == 256
 
 
 def test_default_config_is_nvlm_d_72b():

@@ -1,5 +1,5 @@
-"""`save_pretrained` writes a self-contained model directory that loads through `trust_remote_code` alone, as the
-Hub repo does, in a process where the `nvlm_d` package cannot be imported."""
+"""`save_pretrained` (of the model and of the processor) writes a self-contained model directory that loads through
+`trust_remote_code` alone, as the Hub repo does, in a process where the `nvlm_d` package cannot be imported."""
 
 from __future__ import annotations
 
@@ -10,9 +10,16 @@ import textwrap
 
 import pytest
 
-from nvlm_d.tiny import build_tiny_model
+from nvlm_d.tiny import build_tiny_model, save_tiny_checkpoint
 
-REMOTE_CODE_FILES = ("configuration_nvlm_d.py", "modeling_nvlm_d.py", "modeling_intern_vit.py", "conversation.py")
+REMOTE_CODE_FILES = (
+    "configuration_nvlm_d.py",
+    "modeling_nvlm_d.py",
+    "modeling_intern_vit.py",
+    "conversation.py",
+    "image_processing_nvlm_d.py",
+    "processing_nvlm_d.py",
+)
 
 # Makes `import nvlm_d` fail, so the subprocess can only use the code inside the model directory.
 BLOCK_NVLM_D = textwrap.dedent(
@@ -37,9 +44,7 @@ BLOCK_NVLM_D = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def saved_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny_saved")
-    build_tiny_model(seed=11).save_pretrained(directory)
-    return directory
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_saved"), seed=11)
 
 
 def run_isolated(code: str) -> str:
@@ -56,6 +61,10 @@ def test_saved_directory_is_self_contained(saved_dir):
         "AutoConfig": "configuration_nvlm_d.NVLM_D_Config",
         "AutoModel": "modeling_nvlm_d.NVLM_D_Model",
         "AutoModelForCausalLM": "modeling_nvlm_d.NVLM_D_Model",
+        "AutoModelForImageTextToText": "modeling_nvlm_d.NVLM_D_Model",
+    }
+    assert json.loads((saved_dir / "processor_config.json").read_text())["auto_map"] == {
+        "AutoProcessor": "processing_nvlm_d.NVLM_D_Processor"
     }
     for name in REMOTE_CODE_FILES:
         assert (saved_dir / name).is_file(), name
@@ -117,3 +126,31 @@ def test_with_the_package_imported_a_model_directory_loads_without_remote_code(s
 
     model = AutoModel.from_pretrained(saved_dir)
     assert type(model) is nvlm_d.NVLM_D_Model
+
+
+def test_processor_and_model_answer_through_remote_code_without_the_package(saved_dir, tmp_path):
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    from nvlm_d.image_processing_nvlm_d import load_image
+
+    Image.effect_mandelbrot((900, 500), (-2.0, -1.2, 1.0, 1.2), 100).convert("RGB").save(tmp_path / "image.png")
+    model = build_tiny_model(seed=11)
+    tokenizer = AutoTokenizer.from_pretrained(saved_dir)
+    pixel_values = load_image(tmp_path / "image.png", max_num=6)
+    expected = model.chat(tokenizer, pixel_values, "Describe.", {"max_new_tokens": 6, "do_sample": False})
+    output = run_isolated(
+        f"""
+        from transformers import AutoModel, AutoProcessor
+
+        processor = AutoProcessor.from_pretrained({str(saved_dir)!r}, trust_remote_code=True)
+        model = AutoModel.from_pretrained({str(saved_dir)!r}, trust_remote_code=True).eval()
+        messages = [{{"role": "user", "content": [
+            {{"type": "image", "image": {str(tmp_path / "image.png")!r}}}, {{"type": "text", "text": "Describe."}}]}}]
+        inputs = processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+        new_tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        print("ANSWER:" + processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip())
+        """
+    )
+    assert output.split("ANSWER:", 1)[1].strip() == expected

@@ -1,0 +1,76 @@
+"""NVLM-D's processor: the tokenizer, the image processor and the chat template, as transformers' multimodal
+processors are (`AutoProcessor`, `apply_chat_template`, `pipeline("image-text-to-text")`).
+
+Each `<image>` placeholder of the text (the chat template renders an image part as `<image>\\n`) is replaced by the
+prompt of that image: `<Image>`, a tile tag and 256 `<|vision_pad|>` tokens per tile, `</Image>`
+(`conversation.image_prompt`). So the input ids are those of the prompt `chat` builds for the same conversation, and
+the pixel values those of `load_image`, which is what `model.generate(**inputs)` needs to answer as `chat` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .conversation import CHAT_TEMPLATE, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, image_prompt
+from .image_processing_nvlm_d import NVLM_D_ImageProcessor
+
+
+class NVLM_D_Processor(ProcessorMixin):
+    """Tokenizer + `NVLM_D_ImageProcessor` + NVLM's chat template.
+
+    `processor(text=..., images=...)` expands every `<image>` of `text`, in order, with the next image's tiles;
+    `processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+    return_tensors="pt")` renders chat messages (`{"type": "image", "image": path | PIL image}` parts included)
+    first. Outputs: `input_ids`, `attention_mask` (left padding, for batched generation) and `pixel_values`.
+    Tiling settings (`max_dynamic_patch`, ...) may be passed per call; their defaults are the image processor's.
+    """
+
+    image_token = IMAGE_PLACEHOLDER  # what the text holds: one per image, expanded to the image's prompt
+    text_kwargs = {"padding_side": "left"}
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        chat_template: str | None = None,
+        image_seq_length: int = 256,
+        image_context_token: str = IMG_CONTEXT_TOKEN,
+        **kwargs,
+    ) -> None:
+        """`image_seq_length` is the number of `image_context_token`s (`<|vision_pad|>`) per tile (256)."""
+        if chat_template is None:
+            chat_template = getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
+        self.image_seq_length = image_seq_length
+        self.image_context_token = image_context_token
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    @classmethod
+    def from_model_config(cls, config: Any, tokenizer: Any) -> NVLM_D_Processor:
+        """The processor of a model with this `NVLM_D_Config`: its tile size, tiling limits (`min_dynamic_patch`,
+        `max_dynamic_patch`, `use_thumbnail`) and image tokens per tile."""
+        image_processor = NVLM_D_ImageProcessor(
+            image_size=config.force_image_size,
+            min_dynamic_patch=config.min_dynamic_patch,
+            max_dynamic_patch=config.max_dynamic_patch,
+            use_thumbnail=config.use_thumbnail,
+        )
+        return cls(image_processor, tokenizer, image_seq_length=config.num_image_token)
+
+    def __call__(self, images: Any = None, text: Any = None, **kwargs) -> BatchFeature:
+        outputs = super().__call__(images=images, text=text, **kwargs)
+        outputs.pop("num_patches", None)  # spent on the prompt; the model reads the tiles in order
+        return outputs
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        num_tiles = int(image_inputs["num_patches"][image_idx])
+        return image_prompt(num_tiles, self.image_seq_length, self.image_context_token)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return [*self.tokenizer.model_input_names, *self.image_processor.model_input_names]
+
+
+NVLM_D_Processor.register_for_auto_class("AutoProcessor")

@@ -1,0 +1,1 @@
+nvlm_d/processing_nvlm_d.py
