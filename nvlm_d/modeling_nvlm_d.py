@@ -70,6 +70,27 @@ class _GeneratedTokensOnly(LogitsProcessor):
         return self.processor(input_ids[:, self.prompt_length :], scores)
 
 
+class _DraftModel:
+    """An `assistant_model` as transformers' assisted decoding calls it: its `generate` must return whole sequences
+    (NVLM-D's own returns the new tokens only), and a text-only draft (a small Qwen2) must not be handed the images,
+    which the candidate generator passes on with every other model keyword."""
+
+    _IMAGE_INPUTS = ("pixel_values", "visual_features", "image_flags")
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def generate(self, **kwargs) -> Any:
+        if isinstance(self.model, NVLM_D_Model):
+            return GenerationMixin.generate(self.model, **kwargs)
+        for name in self._IMAGE_INPUTS:
+            kwargs.pop(name, None)
+        return self.model.generate(**kwargs)
+
+
 def _on_generated_tokens_only(config: GenerationConfig, prompt_length: int) -> LogitsProcessorList:
     """Moves `repetition_penalty` and `no_repeat_ngram_size` out of `config` (in place) into processors that see the
     generated tokens only, as in the reference, whose generation started from the prompt's embeddings."""
@@ -383,7 +404,7 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self._embed(input_ids)
-        if pixel_values is not None or visual_features is not None:
+        if (pixel_values is not None or visual_features is not None) and not self._images_are_cached(input_ids, cache):
             if input_ids is None:
                 raise ValueError("Images need input_ids, to find the <|vision_pad|> positions their features replace")
             image_features = self._image_features(pixel_values, visual_features, image_flags)
@@ -403,6 +424,13 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return outputs if return_dict else outputs.to_tuple()
+
+    def _images_are_cached(self, input_ids: torch.LongTensor | None, cache: Any | None) -> bool:
+        """Whether the images were read into `cache` already: generation continued from a cache (a later call of
+        assisted decoding's draft model, a follow-up turn) passes them again with only the uncached tokens."""
+        if input_ids is None or cache is None or cache.get_seq_length() == 0:
+            return False
+        return not bool((input_ids == self.img_context_token_id).any())
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs) -> dict:
         """transformers' preparation, which passes `pixel_values` at prefill only; `visual_features` and
@@ -439,6 +467,8 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
             return super().generate(
                 attention_mask=attention_mask, generation_config=generation_config, **generate_kwargs
             )
+        if generate_kwargs.get("assistant_model") is not None:
+            generate_kwargs["assistant_model"] = _DraftModel(generate_kwargs["assistant_model"])
         input_ids = self._check_input_ids(input_ids).to(execution_device(self.get_input_embeddings()))
         if attention_mask is not None:
             attention_mask = attention_mask.to(input_ids.device)
