@@ -254,3 +254,23 @@ def test_batch_chat_needs_to_know_which_tiles_belong_to_which_question(tiny_mode
         tiny_model.batch_chat(tokenizer, tiles(2), ["a", "b"], GREEDY)
     with pytest.raises(ValueError, match="one entry per question"):
         tiny_model.batch_chat(tokenizer, tiles(2), ["a", "b"], GREEDY, num_patches_list=[2])
+
+
+def test_several_images_without_placeholders_say_that_chat_added_one(tiny_model, tokenizer):
+    with pytest.raises(ValueError, match=r"chat put one <image> in front of the question \(it had none\) but 2 images"):
+        tiny_model.chat(tokenizer, tiles(2), "Compare them.", GREEDY, num_patches_list=[1, 1])
+
+
+def test_a_follow_up_without_pixel_values_says_to_pass_the_same_images_again(tiny_model, tokenizer):
+    history = [("<image>\nWhat is it?", "A car.")]
+    with pytest.raises(ValueError, match="pass the same pixel_values"):
+        tiny_model.chat(tokenizer, None, "What colour is it?", GREEDY, history=history)
+
+
+def test_num_patches_list_accepts_numpy_integers(tiny_model, tokenizer):
+    np = pytest.importorskip("numpy")
+    counts = list(np.array([2, 1]))
+    question = "Image-1: <image>\nImage-2: <image>\nCompare."
+    expected = tiny_model.chat(tokenizer, tiles(3), question, GREEDY, num_patches_list=[2, 1])
+    assert tiny_model.chat(tokenizer, tiles(3), question, GREEDY, num_patches_list=counts) == expected
+    assert tiny_model.batch_chat(tokenizer, tiles(3), [question], GREEDY, num_patches_list=[counts]) == [expected]
