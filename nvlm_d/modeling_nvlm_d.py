@@ -23,6 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOu
 from transformers.utils import is_flash_attn_2_available, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
+from .chat_session import ChatSession
 from .configuration_nvlm_d import NVLM_D_Config
 from .conversation import IM_END_TOKEN, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, build_prompt, get_conv_template
 from .modeling_intern_vit import InternVisionModel
@@ -472,7 +473,9 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         input_ids = self._check_input_ids(input_ids).to(execution_device(self.get_input_embeddings()))
         if attention_mask is not None:
             attention_mask = attention_mask.to(input_ids.device)
-        if pixel_values is None and visual_features is None and bool((input_ids == self.img_context_token_id).any()):
+        cache = generate_kwargs.get("cache", generate_kwargs.get("past_key_values"))
+        uncached = input_ids[:, cache.get_seq_length() :] if cache is not None else input_ids
+        if pixel_values is None and visual_features is None and bool((uncached == self.img_context_token_id).any()):
             raise ValueError(
                 f"The prompt has image tokens (id {self.img_context_token_id}) but no pixel_values were given"
             )
@@ -701,6 +704,16 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
             prompt_mode="raw",
             **kwargs,
         )
+
+    def start_chat(
+        self,
+        tokenizer: Any,
+        generation_config: dict | GenerationConfig | None = None,
+        max_tokens: int | None = None,
+    ) -> ChatSession:
+        """A multi-turn conversation whose follow-up questions reuse the KV cache of the turns before them: each turn
+        prefills only its new tokens, and answers as `chat(history=...)` would. See `ChatSession`."""
+        return ChatSession(self, tokenizer, generation_config, max_tokens)
 
     def batch_chat(
         self,

@@ -81,6 +81,34 @@ def zero_dummy_heads_(model: NVLM_D_Model) -> NVLM_D_Model:
     return model
 
 
+# The scaled NVLM-D of the benchmarks: widths 256, 4 + 4 layers, the real 448 px tiles and vocabulary, attention
+# padded with dummy heads in NVLM's proportion (8 real + 2 dummy). Its decoder's intermediate size equals its hidden
+# size, so that transformers' InternVL can hold the same weights.
+BENCHMARK_SCALE = {
+    "vision_config": {
+        "hidden_size": 256,
+        "intermediate_size": 1024,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_dummy_heads": 2,
+    },
+    "llm_config": {
+        "hidden_size": 256,
+        "intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+    },
+}
+
+
+def build_benchmark_model(seed: int = 0) -> NVLM_D_Model:
+    """The benchmarks' scaled NVLM-D (`BENCHMARK_SCALE`) with seeded weights, its dummy heads zero as in the
+    released checkpoint, in eval mode."""
+    overrides = {key: dict(value) for key, value in BENCHMARK_SCALE.items()}
+    return zero_dummy_heads_(build_tiny_model(seed, **overrides))
+
+
 def build_tiny_model(seed: int = 0, **config_overrides) -> NVLM_D_Model:
     """A tiny NVLM-D in float32 with seeded random weights, in eval mode."""
     model = NVLM_D_Model(tiny_config(**config_overrides))
