@@ -96,3 +96,64 @@ def test_flash_attention_matches_sdpa(tiny_checkpoint):
     pixel_values = tiles(2, seed=4)
     with torch.no_grad():
         assert relative_error(flash.extract_feature(pixel_values), sdpa.extract_feature(pixel_values)) < 2e-2
+
+
+@pytest.fixture(scope="module")
+def cuda_fp32_model(tiny_checkpoint):
+    return AutoModel.from_pretrained(tiny_checkpoint, trust_remote_code=True, dtype=torch.float32, device_map="cuda:0")
+
+
+def test_processor_inputs_on_cuda_answer_as_chat_does(tiny_checkpoint, cuda_bf16_model, tokenizer, tmp_path):
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from nvlm_d.image_processing_nvlm_d import load_image
+
+    Image.effect_mandelbrot((900, 500), (-2.0, -1.2, 1.0, 1.2), 100).convert("RGB").save(tmp_path / "image.png")
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint, trust_remote_code=True)
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": str(tmp_path / "image.png")}, {"type": "text", "text": "Describe."}],
+        }
+    ]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    ).to("cuda:0")
+    answer = processor.batch_decode(cuda_bf16_model.generate(**inputs, **GREEDY), skip_special_tokens=True)[0]
+    pixel_values = load_image(tmp_path / "image.png", max_num=6)
+    assert answer.strip() == cuda_bf16_model.chat(tokenizer, pixel_values, "Describe.", GREEDY)
+
+
+@pytest.mark.parametrize("offloaded", ["vision_model", "mlp1", "language_model.model.embed_tokens"])
+def test_cpu_offloaded_modules_run_on_the_gpu_and_answer_as_the_gpu_model(
+    tiny_checkpoint, cuda_fp32_model, tokenizer, offloaded
+):
+    modules = ["vision_model", "mlp1", "language_model.model.embed_tokens", "language_model.model.rotary_emb"]
+    modules += ["language_model.model.layers", "language_model.model.norm", "language_model.lm_head"]
+    device_map = {name: "cpu" if name == offloaded else 0 for name in modules}
+    placed = AutoModel.from_pretrained(
+        tiny_checkpoint, trust_remote_code=True, dtype=torch.float32, device_map=device_map
+    ).eval()
+    pixel_values = tiles(2, seed=5)
+    expected = cuda_fp32_model.chat(tokenizer, pixel_values, "Describe.", GREEDY)
+    assert placed.chat(tokenizer, pixel_values, "Describe.", GREEDY) == expected
+
+
+def test_a_chat_session_on_cuda_answers_as_chat_with_history(cuda_fp32_model, tokenizer):
+    pixel_values = tiles(3, seed=6)
+    session = cuda_fp32_model.start_chat(tokenizer, GREEDY)
+    history, pairs = None, []
+    for number, question in enumerate(["What is it?", "What colour is it?", "Is it large?"]):
+        answer, history = cuda_fp32_model.chat(
+            tokenizer, pixel_values, question, GREEDY, history=history, return_history=True
+        )
+        pairs.append((session.ask(question, pixel_values if number == 0 else None), answer))
+    assert [mine for mine, _ in pairs] == [theirs for _, theirs in pairs]
+
+
+def test_compiled_static_cache_decoding_on_cuda_gives_the_eager_tokens(cuda_fp32_model, tokenizer):
+    pixel_values = tiles(1, seed=7)
+    eager = cuda_fp32_model.chat(tokenizer, pixel_values, "Describe.", GREEDY)
+    compiled = cuda_fp32_model.chat(tokenizer, pixel_values, "Describe.", {**GREEDY, "cache_implementation": "static"})
+    assert compiled == eager
