@@ -99,19 +99,50 @@ class InternVisionEmbeddings(nn.Module):
         return embeddings + self.position_embedding.to(target_dtype)
 
 
+def _holds_its_values(tensor: torch.Tensor, shape: tuple[int, ...]) -> bool:
+    """Whether `tensor` really holds all of its values in this process, so that reading them is safe and means
+    something: not on the meta device (built empty, or offloaded by accelerate), not a shard placeholder (DeepSpeed
+    ZeRO-3 leaves an empty tensor in place of a partitioned parameter), not a tensor subclass (FSDP2's DTensor,
+    quantized parameters)."""
+    return type(tensor) in (torch.Tensor, nn.Parameter) and tensor.device.type != "meta" and tensor.shape == shape
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    """Whether `module` is a bare `nn.Linear` whose weight may be sliced and used through `F.linear`: not a
+    subclass or wrapper (peft LoRA, bitsandbytes), with no hooks that expect to see the call (user hooks,
+    DeepSpeed's parameter gathering, accelerate's device alignment and offloading, `_hf_hook`)."""
+    return (
+        type(module) is nn.Linear
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and not module._backward_hooks
+        and not module._backward_pre_hooks
+        and not hasattr(module, "_hf_hook")
+    )
+
+
+def _detect_after_load(module: InternAttention, incompatible_keys) -> None:
+    """`load_state_dict` post-hook: the weights may have changed wholesale, so decide again."""
+    module.detect_silent_dummy_heads()
+
+
 class InternAttention(nn.Module):
     """Bidirectional multi-head attention over a tile's tokens, with heads padded by `num_dummy_heads`.
 
     `qkv` rows hold q, k and v blocks of `(heads + dummy heads) * head_dim` rows each, real heads first; `proj`
     columns follow the same order.
 
-    When the dummy heads are silent — their value rows and their `proj` columns all zero, as in the released
-    checkpoint — their output and every gradient through them are exactly zero, so they are skipped: the same
-    function for 22% fewer attention FLOPs (25 heads instead of 32). Whether they are silent is checked once per
-    version of the weights; dummy heads with live weights are always computed.
-    """
+    A dummy head is silent when its value rows (and value bias) are zero, or its `proj` columns are zero: its
+    contribution to the output is then exactly zero, whatever the input. In the released checkpoint all seven
+    are silent, and computing only the 25 real heads is the same function for 22% fewer attention FLOPs.
+    `dummy_heads_silent` records that fact for the current weights. It is a plain bool, so `torch.compile` guards
+    on it; it is set by `detect_silent_dummy_heads`, which `InternVisionModel` calls when weights change
+    wholesale (`eval()`, which `from_pretrained` calls at the end of loading, and `load_state_dict`); see
+    `InternVisionModel.detect_silent_dummy_heads` for when to call it yourself.
 
-    skip_silent_dummy_heads = True
+    The dummy heads are skipped only where that is exact (`_skips_dummy_heads`); otherwise, and always when in
+    doubt, all heads are computed through the `qkv` and `proj` modules themselves.
+    """
 
     def __init__(self, config: InternVisionConfig) -> None:
         super().__init__()
@@ -132,28 +163,56 @@ class InternAttention(nn.Module):
             self.k_norm = InternRMSNorm(self.padded_dim, config.layer_norm_eps, variance_size=self.embed_dim)
         self.proj = nn.Linear(self.padded_dim, self.embed_dim)
         self.proj_drop = nn.Dropout(config.dropout)
-        self._silence: tuple[tuple, bool] = ((), False)  # (weights' identity and versions, silent?)
+        self.dummy_heads_silent = False  # fresh (random) weights: nothing is known until detected
+        self.register_load_state_dict_post_hook(_detect_after_load)
 
-    def dummy_heads_are_silent(self) -> bool:
-        """Whether the dummy heads' value rows and output columns are all zero (cached per weight version)."""
-        if (
-            not self.skip_silent_dummy_heads
-            or self.num_heads == self.num_real_heads
-            or type(self.qkv) is not nn.Linear
-            or type(self.proj) is not nn.Linear
-            or self.qkv.weight.device.type == "meta"
-            or torch.compiler.is_compiling()
-        ):
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("qkv", "proj"):
+            # A replaced module (peft wrapping a LoRA around it, or `merge_and_unload` putting back a base layer
+            # with merged weights) has weights nothing was decided about.
+            super().__setattr__("dummy_heads_silent", False)
+        super().__setattr__(name, value)
+
+    def detect_silent_dummy_heads(self) -> bool:
+        """Read the weights and record whether every dummy head is silent (one host synchronisation). Weights that
+        are not really here (meta, offloaded, partitioned, a tensor subclass) or modules that are not plain
+        `nn.Linear` are never read: the answer is then False, and all heads are computed."""
+        self.dummy_heads_silent = self._weights_show_silent_dummy_heads()
+        return self.dummy_heads_silent
+
+    def _weights_show_silent_dummy_heads(self) -> bool:
+        num_dummy = self.num_heads - self.num_real_heads
+        if num_dummy == 0 or not (type(self.qkv) is nn.Linear and type(self.proj) is nn.Linear):
             return False
-        tensors = [t for t in (self.qkv.weight, self.qkv.bias, self.proj.weight) if t is not None]
-        identity = tuple((t.data_ptr(), t._version) for t in tensors)
-        if self._silence[0] != identity:
-            dummy_values = slice(2 * self.padded_dim + self.embed_dim, 3 * self.padded_dim)
-            live = self.qkv.weight[dummy_values].any() or self.proj.weight[:, self.embed_dim :].any()
+        linear_tensors = [
+            (self.qkv.weight, (3 * self.padded_dim, self.embed_dim)),
+            (self.qkv.bias, (3 * self.padded_dim,)),
+            (self.proj.weight, (self.embed_dim, self.padded_dim)),
+        ]
+        if not all(_holds_its_values(t, shape) for t, shape in linear_tensors if t is not None):
+            return False
+        with torch.no_grad():
+            real_dim = self.num_real_heads * self.head_dim
+            dummy_values = slice(2 * self.padded_dim + real_dim, 3 * self.padded_dim)  # the v block's dummy rows
+            values_zero = ~self.qkv.weight[dummy_values].reshape(num_dummy, -1).any(dim=1)
             if self.qkv.bias is not None:
-                live = live or self.qkv.bias[dummy_values].any()
-            self._silence = (identity, not bool(live))
-        return self._silence[1]
+                values_zero &= ~self.qkv.bias[dummy_values].reshape(num_dummy, -1).any(dim=1)
+            outputs = self.proj.weight[:, real_dim:].reshape(self.embed_dim, num_dummy, self.head_dim)
+            outputs_zero = ~outputs.any(dim=2).any(dim=0)
+            return bool((values_zero | outputs_zero).all())
+
+    def _skips_dummy_heads(self) -> bool:
+        """Whether this call computes the real heads only. That needs the dummy heads known silent and `qkv` and
+        `proj` plain (sliceable) linear layers. If their weights are trainable, it also needs the model in eval
+        mode with gradients off: in training an optimiser may bring a dummy head to life, and the gradient a
+        weight receives through a head that is silent by one factor need not be zero. Frozen weights cannot move,
+        so a frozen tower (InternVL's usual fine-tuning) skips in training too. Only Python attributes are read
+        here: no host synchronisation, and `torch.compile` guards on each of them."""
+        if not (self.dummy_heads_silent and _is_plain_linear(self.qkv) and _is_plain_linear(self.proj)):
+            return False
+        weights = (self.qkv.weight, self.qkv.bias, self.proj.weight)
+        trainable = any(weight is not None and weight.requires_grad for weight in weights)
+        return not trainable or not (self.training or torch.is_grad_enabled())
 
     def _qkv(self, hidden_states: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
         """q, k and v of the first `width` channels of each block."""
@@ -163,9 +222,15 @@ class InternAttention(nn.Module):
         blocks = [slice(b * self.padded_dim, b * self.padded_dim + width) for b in range(3)]
         return tuple(F.linear(hidden_states, weight[rows], None if bias is None else bias[rows]) for rows in blocks)
 
+    def _proj(self, attn_output: torch.Tensor, width: int) -> torch.Tensor:
+        """`proj` applied to the first `width` channels (the others being the silent heads')."""
+        if width == self.padded_dim:
+            return self.proj(attn_output)
+        return F.linear(attn_output, self.proj.weight[:, :width], self.proj.bias)
+
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, _ = hidden_states.shape
-        num_heads = self.num_real_heads if self.dummy_heads_are_silent() else self.num_heads
+        num_heads = self.num_real_heads if self._skips_dummy_heads() else self.num_heads
         width = num_heads * self.head_dim
         query, key, value = self._qkv(hidden_states, width)  # each [tiles, tokens, width]
         if self.qk_normalization:
@@ -189,11 +254,7 @@ class InternAttention(nn.Module):
             **kwargs,
         )
         attn_output = attn_output.reshape(batch_size, seq_len, width)
-        if width == self.padded_dim:
-            output = self.proj(attn_output)
-        else:
-            output = F.linear(attn_output, self.proj.weight[:, :width], self.proj.bias)
-        return self.proj_drop(output), attn_weights
+        return self.proj_drop(self._proj(attn_output, width)), attn_weights
 
 
 class InternMLP(nn.Module):
@@ -279,6 +340,28 @@ class InternVisionModel(InternVisionPreTrainedModel):
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embedding
+
+    def detect_silent_dummy_heads(self) -> int:
+        """Read the attention weights and decide, layer by layer, whether the dummy heads are silent (their value
+        rows or their `proj` columns zero, as in the released checkpoint) and may be skipped. Returns the number
+        of layers that will skip them (where exact: see `InternAttention._skips_dummy_heads`).
+
+        It runs for you when weights change wholesale: at `eval()` (which `from_pretrained` calls once the weights
+        are loaded) and after `load_state_dict`. Call it (or `eval()`) yourself after writing attention weights any
+        other way — in place through `param.data` or `copy_`, accelerate's `set_module_tensor_to_device`, an
+        optimiser step taken in eval mode — before running in eval mode or with frozen attention weights;
+        otherwise a head made live by such a write would still be skipped. Training with trainable weights
+        computes every head and needs no call. Weights that are not really in this process (meta, offloaded,
+        sharded) are not read: those layers compute every head.
+        """
+        return sum(layer.attn.detect_silent_dummy_heads() for layer in self.encoder.layers)
+
+    def train(self, mode: bool = True) -> InternVisionModel:
+        """Also decides again whether the dummy heads are silent when switching to eval mode (`eval()`)."""
+        super().train(mode)
+        if not mode:
+            self.detect_silent_dummy_heads()
+        return self
 
     def forward(
         self,

@@ -63,7 +63,8 @@ def randomize_weights_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module
 
 
 def zero_dummy_heads_(model: NVLM_D_Model) -> NVLM_D_Model:
-    """Zero the dummy heads' weights, as in the released checkpoint: the tower then equals an unpadded InternViT."""
+    """Zero the dummy heads' weights, as in the released checkpoint: the tower then equals an unpadded InternViT.
+    The weights are written by hand, so the vision tower is told to look at them again (it then skips the heads)."""
     vision = model.config.vision_config
     real = vision.hidden_size
     padded = (vision.num_attention_heads + vision.num_dummy_heads) * vision.head_dim
@@ -78,6 +79,7 @@ def zero_dummy_heads_(model: NVLM_D_Model) -> NVLM_D_Model:
                 attn.q_norm.weight[real:].zero_()
                 attn.k_norm.weight[real:].zero_()
             attn.proj.weight[:, real:].zero_()
+    model.vision_model.detect_silent_dummy_heads()
     return model
 
 
