@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from timm.layers import DropPath
 from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel
@@ -255,6 +254,29 @@ class InternAttention(nn.Module):
         )
         attn_output = attn_output.reshape(batch_size, seq_len, width)
         return self.proj_drop(self._proj(attn_output, width)), attn_weights
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, each sample's residual branch is dropped with probability `drop_prob` and
+    the kept ones are scaled by 1 / (1 - drop_prob), so the expected output is unchanged; identity in eval.
+    InternVL fine-tunes the ViT with `drop_path_rate` 0.1, growing linearly from 0 at the first layer."""
+
+    def __init__(self, drop_prob: float) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return hidden_states
+        keep_prob = 1.0 - self.drop_prob
+        mask_shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)  # one draw per sample (tile)
+        mask = hidden_states.new_empty(mask_shape).bernoulli_(keep_prob)
+        if keep_prob > 0.0:
+            mask = mask / keep_prob
+        return hidden_states * mask
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
 
 
 class InternMLP(nn.Module):

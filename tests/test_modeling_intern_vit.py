@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nvlm_d.modeling_intern_vit import InternVisionModel
+from nvlm_d.modeling_intern_vit import DropPath, InternVisionModel
 from nvlm_d.modeling_nvlm_d import NVLM_D_Model
-from nvlm_d.tiny import build_tiny_model, zero_dummy_heads_
+from nvlm_d.tiny import build_tiny_model, tiny_config, zero_dummy_heads_
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -311,3 +311,38 @@ def test_a_partitioned_weight_is_never_read():
     qkv.weight.data = torch.empty(0)  # what DeepSpeed ZeRO-3 leaves in place of a partitioned parameter
     assert vision.detect_silent_dummy_heads() == NUM_LAYERS - 1
     assert decisions(vision) == [False] + [True] * (NUM_LAYERS - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stochastic depth
+# ----------------------------------------------------------------------------------------------------------------
+def test_drop_path_drops_whole_samples_at_its_rate_and_rescales_the_kept_ones():
+    samples, rate = 20_000, 0.3
+    torch.manual_seed(0)
+    out = DropPath(rate).train()(torch.ones(samples, 5, 4)).flatten(1)
+    assert torch.equal(out.amin(dim=1), out.amax(dim=1))  # each sample is kept or dropped as a whole
+    kept = out[:, 0] != 0
+    torch.testing.assert_close(out[kept, 0], torch.full((int(kept.sum()),), 1 / (1 - rate)))
+    dropped_fraction = 1 - kept.double().mean().item()
+    assert abs(dropped_fraction - rate) < 5 * (rate * (1 - rate) / samples) ** 0.5
+
+
+def test_drop_path_is_the_identity_in_eval_mode(pixel_values):
+    vision = build_tiny_model(seed=5, vision_config={"drop_path_rate": 0.5}).vision_model  # in eval mode
+    assert isinstance(vision.encoder.layers[-1].drop_path1, DropPath)
+    assert relative_error(features(vision, pixel_values), oracle(vision, pixel_values)) < RTOL
+
+
+def test_a_layer_at_drop_rate_one_passes_its_input_through_in_training(pixel_values):
+    vision = build_tiny_model(seed=5, vision_config={"drop_path_rate": 1.0}).vision_model.train()
+    first_layer_in, first_layer_out, last_layer_out = vision(pixel_values[:1], output_hidden_states=True).hidden_states
+    assert torch.equal(last_layer_out, first_layer_out)  # the last layer's rate is 1.0
+    assert not torch.equal(first_layer_out, first_layer_in)  # the first layer's rate is 0
+
+
+def test_drop_path_rates_grow_linearly_from_zero_over_the_layers():
+    config = tiny_config(vision_config={"drop_path_rate": 0.1, "num_hidden_layers": 5}).vision_config
+    layers = InternVisionModel(config).encoder.layers
+    rates = [getattr(layer.drop_path1, "drop_prob", 0.0) for layer in layers]
+    assert rates == torch.linspace(0, 0.1, 5).tolist()
+    assert [getattr(layer.drop_path2, "drop_prob", 0.0) for layer in layers] == rates
