@@ -313,7 +313,8 @@ class InternVisionEncoderLayer(GradientCheckpointingLayer):
 class InternVisionEncoder(nn.Module):
     def __init__(self, config: InternVisionConfig) -> None:
         super().__init__()
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        # computed on the CPU whatever the default device, so that the tower also builds under `torch.device("meta")`
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers, device="cpu").tolist()
         self.layers = nn.ModuleList([InternVisionEncoderLayer(config, rate) for rate in rates])
         self.gradient_checkpointing = False
 

@@ -6,8 +6,14 @@ The oracle is the tower written out here in float64 from the reference's formula
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
+from accelerate import init_empty_weights
+from nvlm_d.configuration_nvlm_d import NVLM_D_Config
 from nvlm_d.modeling_intern_vit import DropPath, InternVisionModel
 from nvlm_d.modeling_nvlm_d import NVLM_D_Model
 from nvlm_d.tiny import build_tiny_model, tiny_config, zero_dummy_heads_
@@ -311,6 +317,46 @@ def test_a_partitioned_weight_is_never_read():
     qkv.weight.data = torch.empty(0)  # what DeepSpeed ZeRO-3 leaves in place of a partitioned parameter
     assert vision.detect_silent_dummy_heads() == NUM_LAYERS - 1
     assert decisions(vision) == [False] + [True] * (NUM_LAYERS - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Construction on the meta device
+# ----------------------------------------------------------------------------------------------------------------
+META_CONSTRUCTION = """
+import json, torch
+from nvlm_d.configuration_nvlm_d import NVLM_D_Config
+from nvlm_d.modeling_intern_vit import InternVisionModel
+from nvlm_d.modeling_nvlm_d import NVLM_D_Model
+from nvlm_d.tiny import tiny_config
+
+with torch.device("meta"):
+    tiny = NVLM_D_Model(tiny_config(vision_config={"drop_path_rate": 0.1}))
+    vision_72b = InternVisionModel(NVLM_D_Config().vision_config)
+vision_72b.eval()  # deciding about the dummy heads reads nothing on the meta device
+print(json.dumps({
+    "tiny": {name: list(p.shape) for name, p in tiny.named_parameters()},
+    "vision_72b": {name: list(p.shape) for name, p in vision_72b.named_parameters()},
+    "devices": sorted({p.device.type for p in [*tiny.parameters(), *vision_72b.parameters()]}),
+    "decisions": [layer.attn.dummy_heads_silent for layer in vision_72b.encoder.layers],
+}))
+"""
+
+
+def test_the_model_and_the_72b_vision_tower_build_under_the_meta_device_context():
+    """In a fresh process: once transformers' `from_pretrained` has run, `torch.linspace` escapes the meta
+    context for the rest of the process (its meta-init patch is cached by torch), which would hide the bug."""
+    result = subprocess.run(
+        [sys.executable, "-c", META_CONSTRUCTION], capture_output=True, text=True, timeout=1800, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    built = json.loads(result.stdout.strip().splitlines()[-1])
+    assert built["devices"] == ["meta"]
+    assert built["tiny"] == {name: list(p.shape) for name, p in NVLM_D_Model(tiny_config()).named_parameters()}
+    with init_empty_weights():  # accelerate's way: parameters on meta, everything else as usual
+        expected_72b = InternVisionModel(NVLM_D_Config().vision_config)
+    assert built["vision_72b"] == {name: list(p.shape) for name, p in expected_72b.named_parameters()}
+    assert built["vision_72b"]["encoder.layers.44.attn.qkv.weight"] == [3 * 4096, 3200]
+    assert built["decisions"] == [False] * 45
 
 
 # ----------------------------------------------------------------------------------------------------------------
