@@ -9,10 +9,12 @@ only, so that the padding never changes the real heads; every attention path her
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -316,7 +318,21 @@ class InternVisionEncoder(nn.Module):
         # computed on the CPU whatever the default device, so that the tower also builds under `torch.device("meta")`
         rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers, device="cpu").tolist()
         self.layers = nn.ModuleList([InternVisionEncoderLayer(config, rate) for rate in rates])
-        self.gradient_checkpointing = False
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """InternVL's switch for activation checkpointing of the ViT (its training code sets it to True): it
+        reads and sets the layers' own flags, the ones `activation_checkpointing_enable()` sets, so that both
+        ways agree. It applies in training only, and with non-reentrant `torch.utils.checkpoint` unless
+        `activation_checkpointing_enable` chose other settings."""
+        return any(layer.gradient_checkpointing for layer in self.layers)
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:
+        for layer in self.layers:
+            if enable and not hasattr(layer, "_gradient_checkpointing_func"):
+                layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+            layer.gradient_checkpointing = enable
 
     def forward(
         self, hidden_states: torch.Tensor, output_hidden_states: bool = False, **kwargs
@@ -385,6 +401,15 @@ class InternVisionModel(InternVisionPreTrainedModel):
         if not mode:
             self.detect_silent_dummy_heads()
         return self
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """InternVL's switch, set on the vision model by its training code: the same as the encoder's."""
+        return self.encoder.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:
+        self.encoder.gradient_checkpointing = enable
 
     def forward(
         self,

@@ -13,12 +13,13 @@ import sys
 import pytest
 import torch
 from accelerate import init_empty_weights
+from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
 from nvlm_d.configuration_nvlm_d import NVLM_D_Config
 from nvlm_d.modeling_intern_vit import DropPath, InternVisionModel
 from nvlm_d.modeling_nvlm_d import NVLM_D_Model
 from nvlm_d.tiny import build_tiny_model, tiny_config, zero_dummy_heads_
-from torch.nn import functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 RTOL = 1e-4
 NUM_LAYERS = 2  # the tiny tower's depth
@@ -392,3 +393,36 @@ def test_drop_path_rates_grow_linearly_from_zero_over_the_layers():
     rates = [getattr(layer.drop_path1, "drop_prob", 0.0) for layer in layers]
     assert rates == torch.linspace(0, 0.1, 5).tolist()
     assert [getattr(layer.drop_path2, "drop_prob", 0.0) for layer in layers] == rates
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Activation checkpointing
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("switch", ["vision_model", "vision_model.encoder"])
+def test_internvl_checkpointing_switch_recomputes_layers_in_backward_with_the_same_gradients(pixel_values, switch):
+    model = build_tiny_model(seed=5, vision_config={"drop_path_rate": 0.5}).train()  # recomputation replays drops
+    vision, mlp_calls = model.vision_model, []
+    for layer in vision.encoder.layers:
+        layer.mlp.register_forward_hook(lambda module, args, output: mlp_calls.append(module))
+
+    def calls_and_gradients() -> tuple[int, dict[str, torch.Tensor]]:
+        mlp_calls.clear()
+        vision.zero_grad()
+        torch.manual_seed(0)
+        vision(pixel_values).last_hidden_state.square().mean().backward()
+        return len(mlp_calls), {name: p.grad.clone() for name, p in vision.named_parameters()}
+
+    plain_calls, plain = calls_and_gradients()
+    model.get_submodule(switch).gradient_checkpointing = True
+    checkpointed_calls, checkpointed = calls_and_gradients()
+    assert (plain_calls, checkpointed_calls) == (NUM_LAYERS, 2 * NUM_LAYERS)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, msg=name)
+
+
+def test_activation_checkpointing_enable_shows_in_internvl_switch():
+    model = build_tiny_model(seed=0)
+    model.activation_checkpointing_enable()
+    assert model.vision_model.gradient_checkpointing and model.vision_model.encoder.gradient_checkpointing
+    model.activation_checkpointing_disable()
+    assert not model.vision_model.gradient_checkpointing and not model.vision_model.encoder.gradient_checkpointing
