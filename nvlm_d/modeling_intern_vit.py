@@ -323,14 +323,16 @@ class InternVisionEncoder(nn.Module):
     def gradient_checkpointing(self) -> bool:
         """InternVL's switch for activation checkpointing of the ViT (its training code sets it to True): it
         reads and sets the layers' own flags, the ones `activation_checkpointing_enable()` sets, so that both
-        ways agree. It applies in training only, and with non-reentrant `torch.utils.checkpoint` unless
-        `activation_checkpointing_enable` chose other settings."""
+        ways agree. It applies in training only, with the settings `activation_checkpointing_enable` chose, or
+        else non-reentrant `torch.utils.checkpoint` (transformers' default)."""
         return any(layer.gradient_checkpointing for layer in self.layers)
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, enable: bool) -> None:
         for layer in self.layers:
-            if enable and not hasattr(layer, "_gradient_checkpointing_func"):
+            # never set, or left bare by `activation_checkpointing_disable()` (bare `checkpoint` warns, and raises
+            # in recent torch, without `use_reentrant`)
+            if enable and getattr(layer, "_gradient_checkpointing_func", checkpoint) is checkpoint:
                 layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
             layer.gradient_checkpointing = enable
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -83,9 +84,9 @@ def dummy_rows(attn, block: int) -> slice:
     return slice(block * attn.padded_dim + real, (block + 1) * attn.padded_dim)
 
 
-def silent_tower(seed: int = 5, **config_overrides) -> InternVisionModel:
+def silent_tower(seed: int = 5) -> InternVisionModel:
     """A tiny tower in eval mode whose dummy heads are zero, as in the released checkpoint."""
-    return zero_dummy_heads_(build_tiny_model(seed, **config_overrides)).vision_model
+    return zero_dummy_heads_(build_tiny_model(seed)).vision_model
 
 
 def silent_by_values_tower(seed: int = 5) -> InternVisionModel:
@@ -426,3 +427,13 @@ def test_activation_checkpointing_enable_shows_in_internvl_switch():
     assert model.vision_model.gradient_checkpointing and model.vision_model.encoder.gradient_checkpointing
     model.activation_checkpointing_disable()
     assert not model.vision_model.gradient_checkpointing and not model.vision_model.encoder.gradient_checkpointing
+
+
+def test_internvl_switch_set_after_disabling_checkpointing_passes_use_reentrant(pixel_values):
+    model = build_tiny_model(seed=0).train()
+    model.activation_checkpointing_enable()
+    model.activation_checkpointing_disable()  # leaves transformers' bare `checkpoint` on every layer
+    model.vision_model.encoder.gradient_checkpointing = True
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*use_reentrant.*")
+        model.vision_model(pixel_values[:1]).last_hidden_state.square().mean().backward()
