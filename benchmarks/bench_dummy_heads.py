@@ -4,12 +4,14 @@ NVLM pads InternViT's 25 attention heads to 32 with 7 dummy heads whose weights 
 them where that is exact (their silence decided at load; eval mode without gradients, or frozen attention weights).
 This runs the same tower, same weights, with that decision on and off (the per-layer `dummy_heads_silent`):
 
-  eager      the tower as it is
-  compiled   each encoder layer compiled with torch.compile (inductor). Before the decision became a plain
-             attribute that torch.compile guards on, compiled code always computed every head: "every head" is
-             what it ran then.
+  eager       inference, the tower as it is
+  train step  forward and backward with trainable weights: every head is what runs now; "skipped" is what the
+              previous design ran (forced here; exact only because these dummy weights are zero on both sides)
+  compiled    inference with each encoder layer compiled by torch.compile (inductor). Before the decision became a
+              plain attribute that torch.compile guards on, compiled code always computed every head.
 
-Ratios are every-head time / skipped time (above 1: skipping is faster); the features of both are compared.
+Ratios are every-head time / skipped time (above 1: skipping is faster). The last columns compare the outputs
+(last hidden states; for the train step the patch-embedding gradient) of the two, and of each against eager.
 
     python benchmarks/bench_dummy_heads.py                  # scaled tower on the CPU (25 + 7 heads of 16, 4 layers)
     python benchmarks/bench_dummy_heads.py --full-size      # InternViT-6B as released, bf16, on the GPU
@@ -20,11 +22,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 
 from nvlm_d.configuration_nvlm_d import InternVisionConfig
-from nvlm_d.modeling_intern_vit import InternVisionModel
+from nvlm_d.modeling_intern_vit import InternAttention, InternVisionModel
 
 SCALED = {"hidden_size": 400, "intermediate_size": 1600, "num_hidden_layers": 4}  # 25 + 7 heads of 16 channels
 
@@ -69,25 +73,37 @@ def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm()).item()
 
 
-def compare(tower: InternVisionModel, pixel_values: torch.Tensor, repeats: int) -> dict:
-    """Median ms with every head and with the dummy heads skipped, interleaved round by round so that a busy
-    machine slows both alike, and the features of each."""
-    device = pixel_values.device
+def compare(tower: InternVisionModel, step: Callable[[], torch.Tensor], repeats: int, device) -> dict:
+    """Median ms of `step` with every head and with the dummy heads skipped, interleaved round by round so that a
+    busy machine slows both alike, and the output of each."""
     outputs, times = {}, {True: [], False: []}
-    for skip in (True, False):  # warm-up, and the features to compare
+    for skip in (True, False):  # warm-up, and the outputs to compare
         set_skipping(tower, skip)
         for _ in range(2):
-            outputs[skip] = tower(pixel_values).last_hidden_state.float()
+            outputs[skip] = step()
     for _ in range(repeats):
         for skip in (True, False):
             set_skipping(tower, skip)
-            times[skip].append(timed_ms(lambda: tower(pixel_values), device))
+            times[skip].append(timed_ms(step, device))
     set_skipping(tower, True)
-    return {
-        "every head": statistics.median(times[False]),
-        "skipped": statistics.median(times[True]),
-        "features": outputs,
-    }
+    return {"every head": statistics.median(times[False]), "skipped": statistics.median(times[True]), **outputs}
+
+
+def inference_step(tower: InternVisionModel, pixel_values: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def step() -> torch.Tensor:
+        with torch.no_grad():
+            return tower(pixel_values).last_hidden_state.float()
+
+    return step
+
+
+def train_step(tower: InternVisionModel, pixel_values: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def step() -> torch.Tensor:
+        tower.zero_grad(set_to_none=True)
+        tower(pixel_values).last_hidden_state.float().square().mean().backward()
+        return tower.embeddings.patch_embedding.weight.grad.float()
+
+    return step
 
 
 def main() -> None:
@@ -114,28 +130,41 @@ def main() -> None:
         f"{config.head_dim}; {args.tiles} tiles; median of {args.repeats}"
     )
     print(
-        f"{'':<10}{'every head (ms)':>16}{'skipped (ms)':>14}{'ratio':>7}"
+        f"{'':<12}{'every head (ms)':>16}{'skipped (ms)':>14}{'ratio':>7}"
         f"{'skipped vs every head':>23}{'vs eager: every head, skipped':>31}"
     )
-    modes = ["eager"] + ([] if args.no_compile else ["compiled"])
-    eager_features = None
-    with torch.no_grad():
-        for mode in modes:
-            if mode == "compiled":
-                for layer in tower.encoder.layers:
-                    layer.compile()
-            result = compare(tower, pixel_values, args.repeats)
-            features = result["features"]
-            if eager_features is None:
-                eager_features = features
-            vs_eager = [relative_difference(features[skip], eager_features[skip]) for skip in (False, True)]
-            print(
-                f"{mode:<10}{result['every head']:>16.1f}{result['skipped']:>14.1f}"
-                f"{result['every head'] / result['skipped']:>7.2f}"
-                f"{relative_difference(features[True], features[False]):>23.1e}"
-                f"{vs_eager[0]:>22.1e}, {vs_eager[1]:.1e}"
-            )
-    print("(feature columns: relative difference of the last hidden states, float32 norms)")
+    eager = compare(tower, inference_step(tower, pixel_values), args.repeats, device)
+    print_row("eager", eager, eager)
+    tower.train()
+    with previous_rule():
+        print_row("train step", compare(tower, train_step(tower, pixel_values), args.repeats, device))
+    tower.eval()
+    if not args.no_compile:
+        for layer in tower.encoder.layers:
+            layer.compile()
+        print_row("compiled", compare(tower, inference_step(tower, pixel_values), args.repeats, device), eager)
+
+
+@contextmanager
+def previous_rule():
+    """The previous design's rule, for the train step: skip whenever the dummy heads were found silent."""
+    current = InternAttention._skips_dummy_heads
+    InternAttention._skips_dummy_heads = lambda attn: attn.dummy_heads_silent
+    try:
+        yield
+    finally:
+        InternAttention._skips_dummy_heads = current
+
+
+def print_row(mode: str, result: dict, eager: dict | None = None) -> None:
+    row = (
+        f"{mode:<12}{result['every head']:>16.1f}{result['skipped']:>14.1f}"
+        f"{result['every head'] / result['skipped']:>7.2f}{relative_difference(result[True], result[False]):>23.1e}"
+    )
+    if eager is not None:
+        every, skipped = (relative_difference(result[skip], eager[skip]) for skip in (False, True))
+        row += f"{every:>22.1e}, {skipped:.1e}"
+    print(row)
 
 
 if __name__ == "__main__":
