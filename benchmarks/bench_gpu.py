@@ -98,7 +98,9 @@ def _has_flash_attn() -> bool:
     return is_flash_attn_2_available()
 
 
-def bench_decode(device: torch.device, config: Qwen2Config, context: int, bandwidth: float) -> list[str]:
+def bench_decode(
+    device: torch.device, config: Qwen2Config, context: int, bandwidth: float, compile_decode: bool = True
+) -> list[str]:
     """Per-token decode time from two greedy generations (1 and 1 + steps new tokens) with transformers' static
     cache, which transformers compiles (CUDA graphs) on a GPU."""
     with torch.device(device):
@@ -108,6 +110,7 @@ def bench_decode(device: torch.device, config: Qwen2Config, context: int, bandwi
 
     def generate(new_tokens: int):
         settings = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+        settings["disable_compile"] = not compile_decode
         return model.generate(prompt, cache_implementation="static", **settings)
 
     with torch.no_grad():
@@ -129,6 +132,7 @@ def main() -> None:
     parser.add_argument("--decode-layers", type=int, default=8)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (checks the script only)")
+    parser.add_argument("--no-compile", action="store_true", help="decode without torch.compile (CUDA graphs)")
     args = parser.parse_args()
 
     vision = InternVisionConfig()
@@ -157,7 +161,9 @@ def main() -> None:
     bandwidth = copy_bandwidth_gbps(device, 16 if args.smoke else 2048)
     name = "CPU (smoke run)" if args.smoke else torch.cuda.get_device_name()
     print(f"{name}; torch {torch.__version__}; measured bf16 GEMM {peak:.0f} TFLOP/s, copy {bandwidth:.0f} GB/s")
-    for row in bench_vision(device, vision, args.tiles, peak) + bench_decode(device, decoder, args.context, bandwidth):
+    for row in bench_vision(device, vision, args.tiles, peak) + bench_decode(
+        device, decoder, args.context, bandwidth, not args.no_compile
+    ):
         print(row)
 
 
