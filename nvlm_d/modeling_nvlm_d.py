@@ -225,6 +225,12 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
                 f"config.image_token_id); got {value}"
             )
 
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the device the token embeddings execute on. (transformers reports the first parameter's
+        device, which is `meta` when the vision tower is offloaded, and `inputs.to(model.device)` would fail.)"""
+        return execution_device(self.get_input_embeddings())
+
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()
 

@@ -43,6 +43,7 @@ def test_an_offloaded_module_gets_its_inputs_on_its_execution_device(
         device_map=device_map_with(module, where),
         offload_folder=tmp_path,
     ).eval()
+    assert placed.device.type == "cpu"  # where inputs go, also when the first parameters are offloaded
     pixel_values = tiles(2, seed=1)
     if inputs == "visual_features":
         with torch.no_grad():
