@@ -190,6 +190,26 @@ def test_gpus_or_cpu_must_be_chosen(capsys, tiny_checkpoint):
     assert "one of the arguments --gpus --cpu is required" in capsys.readouterr().err
 
 
+def test_a_merged_lora_fine_tune_saves_a_directory_vllm_takes_as_nvlm_d(tmp_path):
+    """docs/serving.md's recipe for a LoRA fine-tune: merge the adapters, save, serve. What vLLM reads of the
+    result: the released architecture name, the merged weights under the base model's names, no adapter tensors."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from nvlm_d.tiny import build_tiny_model
+
+    base = build_tiny_model(seed=0)
+    original = base.language_model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    adapted = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    adapted.merge_and_unload().save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert written["architectures"] == ["NVLM_D"]
+    assert not [name for name in tensors if "lora" in name]
+    merged = tensors["language_model.model.layers.0.self_attn.q_proj.weight"]
+    assert merged.shape == original.shape and not torch.equal(merged, original)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Parity with vLLM's own NVLM-D (vLLM's CPU build, in its own environment)
 # --------------------------------------------------------------------------------------------------------
