@@ -29,9 +29,12 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .common import PROG, CLIError, one_line, positive_int, say
+
+if TYPE_CHECKING:
+    from ..configuration_nvlm_d import NVLM_D_Config
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 VLLM_PYTHON_ENV = "NVLM_D_VLLM_PYTHON"
@@ -119,7 +122,7 @@ class ModelInfo:
     """What `serve` needs to know of the model: where vLLM finds it and its config."""
 
     path: str  # a local directory (absolute) or a Hub id, as vLLM gets it
-    config: Any  # NVLM_D_Config
+    config: NVLM_D_Config
     note: str | None = None  # how the config was found, when that is worth saying
 
 
@@ -148,7 +151,7 @@ def resolve_model(name: str) -> ModelInfo:
     return ModelInfo(name, NVLM_D_Config(), note)
 
 
-def _read_config(path: Path, name: str) -> Any:
+def _read_config(path: Path, name: str) -> NVLM_D_Config:
     """The NVLM-D config in a config.json, read with the package's class (no remote code runs)."""
     from ..configuration_nvlm_d import NVLM_D_Config
 
@@ -177,7 +180,7 @@ class Layout:
     pipeline_parallel: int
 
 
-def tensor_parallel_sizes(config: Any) -> list[int]:
+def tensor_parallel_sizes(config: NVLM_D_Config) -> list[int]:
     """The tensor-parallel sizes (up to 64) that split every head group of the model evenly: the decoder's query
     and key-value heads, and the vision tower's heads with NVLM's dummy heads (what vLLM shards)."""
     llm, vision = config.llm_config, config.vision_config
@@ -185,7 +188,7 @@ def tensor_parallel_sizes(config: Any) -> list[int]:
     return [size for size in range(1, 65) if all(group % size == 0 for group in groups)]
 
 
-def choose_layout(config: Any, gpus: int, nodes: int) -> Layout:
+def choose_layout(config: NVLM_D_Config, gpus: int, nodes: int) -> Layout:
     """Tensor parallel over `gpus`, pipeline parallel over `nodes`; CLIError when NVLM-D cannot be split so."""
     llm, vision = config.llm_config, config.vision_config
     sizes = tensor_parallel_sizes(config)
@@ -195,7 +198,7 @@ def choose_layout(config: Any, gpus: int, nodes: int) -> Layout:
             f"--gpus {gpus}: tensor parallelism must split the decoder's {llm.num_attention_heads} query and "
             f"{llm.num_key_value_heads} key-value heads and the vision tower's "
             f"{vision.num_attention_heads + vision.num_dummy_heads} heads evenly, so the GPUs per node must be one "
-            f"of {', '.join(map(str, sizes))}: use --gpus {fitting[-1]} on this machine"
+            f"of {', '.join(map(str, sizes))} (e.g. --gpus {fitting[-1]})"
         )
     if nodes > llm.num_hidden_layers:
         raise CLIError(
@@ -227,7 +230,7 @@ class ModelBytes:
     kv_per_layer_token: int  # K and V of one token in one decoder layer
 
     @classmethod
-    def of(cls, config: Any, element_bytes: int) -> ModelBytes:
+    def of(cls, config: NVLM_D_Config, element_bytes: int) -> ModelBytes:
         """From the model built on the meta device (no memory, no weights)."""
         from ..device_map import DECODER_LAYER, build_meta_model, kv_cache_bytes_per_layer
 
@@ -261,7 +264,7 @@ class ModelBytes:
         return all(weights <= usable for _, weights, _ in self.per_gpu(layout))
 
 
-def smallest_layout(config: Any, sizes: ModelBytes, usable: float, nodes: int) -> Layout | None:
+def smallest_layout(config: NVLM_D_Config, sizes: ModelBytes, usable: float, nodes: int) -> Layout | None:
     """The fewest GPUs per node (on `nodes` nodes), else the fewest nodes of the most GPUs per node (up to 8),
     whose weights fit in `usable` bytes a GPU."""
     tensor_sizes = [size for size in tensor_parallel_sizes(config) if size <= 8]
@@ -274,7 +277,7 @@ def smallest_layout(config: Any, sizes: ModelBytes, usable: float, nodes: int) -
     return None
 
 
-def check_memory(config: Any, layout: Layout, dtype: str, gpu_memory: str, context: int) -> list[str]:
+def check_memory(config: NVLM_D_Config, layout: Layout, dtype: str, gpu_memory: str, context: int) -> list[str]:
     """Lines describing the weights each GPU holds and the KV-cache room left; CLIError when the weights alone
     exceed what vLLM may use of a GPU."""
     from ..device_map import GIB, parse_memory
@@ -319,7 +322,7 @@ def check_memory(config: Any, layout: Layout, dtype: str, gpu_memory: str, conte
 # --------------------------------------------------------------------------------------------------------
 
 
-def resolved_dtype(requested: str, config: Any) -> str:
+def resolved_dtype(requested: str, config: NVLM_D_Config) -> str:
     """The dtype vLLM will use: `auto` is the config's (float16 and bfloat16 configs keep theirs)."""
     if requested != "auto":
         return requested
