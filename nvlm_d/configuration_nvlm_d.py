@@ -3,13 +3,25 @@
 The defaults are NVLM-D-72B's, so `NVLM_D_Config()` describes the released model, and the checkpoint's own
 `config.json` (with its legacy keys: `llm_config.model_type == "llama"`, `rope_scaling`, generation settings)
 loads unchanged.
+
+This module is also run by engines that read a model directory under their own transformers: vLLM runs it under
+the transformers it pins (5.16.1 and later). So it imports and builds on every transformers 5.x from 5.16.1 on,
+detecting features rather than checking versions, and what it writes keeps the released checkpoint's keys:
+`architectures: ["NVLM_D"]` (the name vLLM knows) and, in `llm_config`, the legacy `rope_theta`/`rope_scaling`
+beside transformers 5's `rope_parameters`.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from transformers import PreTrainedConfig, Qwen2Config
-from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import logging
+
+try:  # transformers >= 5.20 declares sub-configs as specs, each with its own defaults
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # 5.16 - 5.19: a plain {key: config class} map
+    SubConfigSpec = None
 
 logger = logging.get_logger(__name__)
 
@@ -34,6 +46,11 @@ QWEN2_72B = {
     "dtype": "bfloat16",
 }
 
+
+# The architecture name of the released checkpoint: what engines (vLLM) key their NVLM-D implementation on.
+ARCHITECTURE = "NVLM_D"
+# The name `save_pretrained` writes instead (the model class's), read as ARCHITECTURE.
+MODEL_CLASS_NAME = "NVLM_D_Model"
 
 # How a model directory maps transformers' Auto classes to this remote code: the released config.json's three
 # entries, and the class `pipeline("image-text-to-text")` loads.
@@ -109,10 +126,13 @@ class NVLM_D_Config(PreTrainedConfig):
     """
 
     model_type = "NVLM_D"
-    sub_configs_defaults = {
-        "vision_config": InternVisionConfig,
-        "llm_config": SubConfigSpec(config_class=Qwen2Config, init_kwargs=QWEN2_72B),
-    }
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            "vision_config": SubConfigSpec(config_class=InternVisionConfig),
+            "llm_config": SubConfigSpec(config_class=Qwen2Config, init_kwargs=QWEN2_72B),
+        }
+    else:
+        sub_configs = {"vision_config": InternVisionConfig, "llm_config": Qwen2Config}
 
     vision_config: dict | PreTrainedConfig | None = None
     llm_config: dict | PreTrainedConfig | None = None
@@ -130,6 +150,11 @@ class NVLM_D_Config(PreTrainedConfig):
     image_token_id: int = 151654
 
     def __post_init__(self, **kwargs):
+        # Built here rather than by the base class, which does it only from transformers 5.20 on.
+        if not isinstance(self.vision_config, PreTrainedConfig):
+            self.vision_config = InternVisionConfig(**(self.vision_config or {}))
+        if not isinstance(self.llm_config, PreTrainedConfig):
+            self.llm_config = Qwen2Config(**(self.llm_config if self.llm_config is not None else QWEN2_72B))
         super().__post_init__(**kwargs)
         if getattr(self, "auto_map", None) is None:
             self.auto_map = dict(AUTO_MAP)
@@ -164,6 +189,36 @@ class NVLM_D_Config(PreTrainedConfig):
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
         """The decoder's config, which generation and caches read (NVLM names it `llm_config`)."""
         return self.llm_config
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        # `save_pretrained` records the model class's name; the checkpoint format is named `NVLM_D`, which is what
+        # vLLM and the released config.json say.
+        if key == "architectures" and value is not None:
+            value = [ARCHITECTURE if name == MODEL_CLASS_NAME else name for name in value]
+        super().__setattr__(key, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a dict, with `llm_config` also carrying the legacy `rope_theta`/`rope_scaling` keys of
+        the released config.json, so that readers that predate `rope_parameters` (transformers 4.x and the tools
+        built on it) see NVLM-D's rope (theta 1e6, dynamic scaling x3) rather than their defaults."""
+        output = super().to_dict()
+        output["llm_config"].update(legacy_rope_keys(output["llm_config"].get("rope_parameters")))
+        return output
+
+
+def legacy_rope_keys(rope_parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """`rope_theta` and `rope_scaling` as transformers 4.x wrote them, from transformers 5's `rope_parameters`.
+
+    Transformers 5 reads them back into the same `rope_parameters` (`rope_scaling` wins over a stale
+    `rope_parameters`, so the two must agree, which they do by construction here)."""
+    if not rope_parameters or "rope_theta" not in rope_parameters:
+        return {}
+    scaling = {key: value for key, value in rope_parameters.items() if key != "rope_theta"}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return {"rope_theta": rope_parameters["rope_theta"], "rope_scaling": None}
+    scaling.setdefault("type", rope_type)
+    return {"rope_theta": rope_parameters["rope_theta"], "rope_scaling": scaling}
 
 
 NVLM_D_Config.register_for_auto_class()

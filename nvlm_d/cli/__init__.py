@@ -23,7 +23,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from . import batch, chat, demo, plan, tiles
+from . import batch, chat, demo, plan, serve, tiles
 from .common import PROG, CLIError, Parser, one_line, package_version, say
 
 # The subcommands, in the order `--help` lists them. A new command is one module more.
@@ -33,6 +33,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     tiles.add_parser,
     batch.add_parser,
     plan.add_parser,
+    serve.add_parser,
 ]
 
 

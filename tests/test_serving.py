@@ -1,0 +1,435 @@
+"""Serving with vLLM: `nvlm-d serve` builds the right vLLM command, and vLLM's own NVLM-D, loading a directory the
+package saved, computes what the package computes.
+
+The command-line tests need no vLLM. The tests marked `vllm` need vLLM's CPU build in its own environment (it pins
+its own torch and transformers): set NVLM_D_VLLM_PYTHON to its interpreter (`python tools/cached_envs.py vllm`
+builds it and prints the path; .ci/run does both). Each side runs in its own interpreter: vLLM writes its tokens
+to JSON (tools/vllm_generate.py), and the comparison happens here. The server test listens on 127.0.0.1 only,
+sends one bounded request and stops the server by its pid.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoTokenizer
+
+from nvlm_d import build_prompt, load_image
+from nvlm_d.cli import main
+from nvlm_d.cli.serve import Layout, ModelBytes
+from nvlm_d.configuration_nvlm_d import NVLM_D_Config
+from nvlm_d.tiny import save_tiny_checkpoint
+
+VLLM_PYTHON_ENV = "NVLM_D_VLLM_PYTHON"
+RELEASED = "nvidia/NVLM-D-72B"
+QUESTION = "Describe the image."
+TEXT_QUESTION = "Hello, who are you?"
+MAX_NEW_TOKENS = 12
+MAX_MODEL_LEN = 4096  # the image prompt (7 tiles: 1,792 image tokens) and vLLM's profiling run fit
+KV_CACHE_BYTES = 1 << 30
+ENGINE_TIMEOUT_S = 1800  # outer limits: vLLM starts several processes, each importing torch, on two busy cores
+REQUEST_TIMEOUT_S = 900
+
+
+# --------------------------------------------------------------------------------------------------------
+# nvlm-d serve --print-command (no vLLM needed)
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache: a Hub id is then planned from the package's NVLM-D-72B defaults, offline."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def serve(capsys, *args: str) -> tuple[int, list[str], str]:
+    """Run `nvlm-d serve ARGS` in-process; returns (exit code, the printed command as argv, stderr)."""
+    code = main(["serve", *args])
+    captured = capsys.readouterr()
+    command = shlex.split(captured.out.strip().splitlines()[-1]) if captured.out.strip() else []
+    return code, command, captured.err
+
+
+def option(command: list[str], name: str) -> str | None:
+    """The value after `name` in an argv, or None."""
+    return command[command.index(name) + 1] if name in command else None
+
+
+def test_one_gpu_command_runs_vllms_openai_server_on_the_model_with_its_remote_code(capsys, tiny_checkpoint):
+    code, command, _ = serve(capsys, "--model", str(tiny_checkpoint), "--gpus", "1", "--print-command")
+    assert code == 0
+    assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert option(command, "--model") == str(tiny_checkpoint.resolve())
+    assert "--trust-remote-code" in command
+    assert (option(command, "--tensor-parallel-size"), option(command, "--pipeline-parallel-size")) == ("1", "1")
+    assert "--distributed-executor-backend" not in command
+
+
+def test_nvlm_d_72b_does_not_fit_one_80gib_gpu_and_the_error_names_a_layout_that_does(capsys, no_hub_cache):
+    code, command, err = serve(capsys, "--model", RELEASED, "--gpus", "1", "--print-command")
+    assert (code, command) == (2, [])
+    assert "does not fit: about 147.9 GiB of bfloat16 weights per GPU" in err
+    assert "use --gpus 4" in err
+
+
+def test_two_gpus_of_141gib_take_nvlm_d_72b_tensor_parallel(capsys, no_hub_cache):
+    code, command, err = serve(capsys, "--model", RELEASED, "--gpus", "2", "--gpu-memory", "141GiB", "--print-command")
+    assert code == 0
+    assert (option(command, "--tensor-parallel-size"), option(command, "--pipeline-parallel-size")) == ("2", "1")
+    assert "weights per GPU: 73.9 GiB" in err
+
+
+@pytest.mark.parametrize("gpus", [4, 8])
+def test_one_node_splits_nvlm_d_72b_tensor_parallel_over_its_gpus(capsys, no_hub_cache, gpus):
+    code, command, err = serve(capsys, "--model", RELEASED, "--gpus", str(gpus), "--print-command")
+    assert code == 0
+    assert (option(command, "--tensor-parallel-size"), option(command, "--pipeline-parallel-size")) == (str(gpus), "1")
+    assert f"weights per GPU: {147.9 / gpus:.1f} GiB" in err
+
+
+def test_two_nodes_of_eight_gpus_are_tensor_parallel_within_and_pipeline_parallel_across_on_ray(capsys, repo_root):
+    code, command, err = serve(capsys, "--model", str(repo_root), "--gpus", "8", "--nodes", "2", "--print-command")
+    assert code == 0
+    assert (option(command, "--tensor-parallel-size"), option(command, "--pipeline-parallel-size")) == ("8", "2")
+    assert option(command, "--distributed-executor-backend") == "ray"
+    assert "pipeline stages of 40, 40 decoder layers" in err
+    assert "ray start --head --port=6379" in err
+    assert "ray start --address=HEAD_NODE_IP:6379" in err
+
+
+def test_planned_weights_per_gpu_add_up_to_the_model(repo_root):
+    config = NVLM_D_Config.from_pretrained(repo_root)
+    sizes = ModelBytes.of(config, element_bytes=2)
+    whole = sum(weights for _, weights, _ in sizes.per_gpu(Layout(1, 1)))
+    split = sizes.per_gpu(Layout(2, 4))
+    assert sum(weights for _, weights, _ in split) * 2 == pytest.approx(whole, rel=1e-6)
+    assert [len(layers) for layers, _, _ in split] == [20, 20, 20, 20]
+
+
+@pytest.mark.parametrize("gpus", [3, 6, 16])
+def test_gpu_counts_that_do_not_split_the_heads_are_refused_with_the_sizes_that_do(capsys, no_hub_cache, gpus):
+    code, command, err = serve(capsys, "--model", RELEASED, "--gpus", str(gpus), "--print-command")
+    assert (code, command) == (2, [])
+    assert "64 query and 8 key-value heads" in err
+    assert "one of 1, 2, 4, 8" in err
+
+
+def test_tile_limit_is_the_configs_unless_asked_and_always_written_out(capsys, no_hub_cache):
+    _, default, _ = serve(capsys, "--model", RELEASED, "--gpus", "8", "--print-command")
+    _, twelve, _ = serve(capsys, "--model", RELEASED, "--gpus", "8", "--max-num", "12", "--print-command")
+    assert json.loads(option(default, "--mm-processor-kwargs")) == {"max_dynamic_patch": 6}
+    assert json.loads(option(twelve, "--mm-processor-kwargs")) == {"max_dynamic_patch": 12}
+    assert json.loads(option(default, "--limit-mm-per-prompt")) == {"image": 1}
+
+
+def test_cpu_command_has_no_parallel_layout(capsys, tiny_checkpoint):
+    code, command, _ = serve(
+        capsys, "--model", str(tiny_checkpoint), "--cpu", "--dtype", "float32", "--kv-cache-memory", "1GiB",
+        "--print-command",
+    )  # fmt: skip
+    assert code == 0
+    assert "--tensor-parallel-size" not in command and "--pipeline-parallel-size" not in command
+    assert (option(command, "--dtype"), option(command, "--kv-cache-memory-bytes")) == ("float32", str(1 << 30))
+    assert (option(command, "--host"), option(command, "--port")) == ("127.0.0.1", "8000")
+
+
+def test_arguments_after_a_double_dash_go_to_vllm_unchanged(capsys, tiny_checkpoint):
+    _, command, _ = serve(
+        capsys, "--model", str(tiny_checkpoint), "--cpu", "--print-command", "--", "--enforce-eager", "--seed", "3"
+    )
+    assert command[-3:] == ["--enforce-eager", "--seed", "3"]
+
+
+def test_quantization_asked_of_vllm_skips_the_bf16_memory_check(capsys, no_hub_cache):
+    code, command, err = serve(capsys, "--model", RELEASED, "--gpus", "1", "--print-command", "--", "-q", "fp8")
+    assert code == 0
+    assert command[-2:] == ["-q", "fp8"]
+    assert "no bfloat16 memory check" in err
+
+
+def test_serving_without_vllm_installed_is_a_clear_error(capsys, tiny_checkpoint):
+    code, command, err = serve(capsys, "--model", str(tiny_checkpoint), "--cpu", "--python", sys.executable)
+    assert (code, command) == (2, [])
+    assert f"vLLM is not installed for {sys.executable}" in err
+
+
+def test_nodes_on_the_cpu_are_refused(capsys, tiny_checkpoint):
+    code, _, err = serve(capsys, "--model", str(tiny_checkpoint), "--cpu", "--nodes", "2", "--print-command")
+    assert code == 2
+    assert "--nodes needs --gpus" in err
+
+
+def test_a_directory_of_another_model_is_refused(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    code, _, err = serve(capsys, "--model", str(tmp_path), "--gpus", "1", "--print-command")
+    assert code == 2
+    assert "not an NVLM-D model (model_type 'llava'" in err
+
+
+def test_gpus_or_cpu_must_be_chosen(capsys, tiny_checkpoint):
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--model", str(tiny_checkpoint), "--print-command"])
+    assert exited.value.code == 2
+    assert "one of the arguments --gpus --cpu is required" in capsys.readouterr().err
+
+
+def test_a_merged_lora_fine_tune_saves_a_directory_vllm_takes_as_nvlm_d(tmp_path):
+    """docs/serving.md's recipe for a LoRA fine-tune: merge the adapters, save, serve. What vLLM reads of the
+    result: the released architecture name, the merged weights under the base model's names, no adapter tensors."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from nvlm_d.tiny import build_tiny_model
+
+    base = build_tiny_model(seed=0)
+    original = base.language_model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    adapted = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    adapted.merge_and_unload().save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert written["architectures"] == ["NVLM_D"]
+    assert not [name for name in tensors if "lora" in name]
+    merged = tensors["language_model.model.layers.0.self_attn.q_proj.weight"]
+    assert merged.shape == original.shape and not torch.equal(merged, original)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Parity with vLLM's own NVLM-D (vLLM's CPU build, in its own environment)
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> str:
+    configured = os.environ.get(VLLM_PYTHON_ENV)
+    if not configured:
+        pytest.skip(
+            f"needs vLLM's CPU build: export {VLLM_PYTHON_ENV}=$(python tools/cached_envs.py vllm) (.ci/run does)"
+        )
+    if not Path(configured).is_file():
+        pytest.fail(f"{VLLM_PYTHON_ENV}={configured} is not an interpreter")
+    return configured
+
+
+@pytest.fixture(scope="module")
+def parity_checkpoint(tmp_path_factory) -> Path:
+    """A tiny NVLM-D saved by `save_pretrained`, shaped for vLLM's CPU kernels: head_dim 64 in the decoder and the
+    vision tower (which vLLM pads with NVLM's 7 dummy heads, as the package does), real 448 px tiles."""
+    return save_tiny_checkpoint(
+        tmp_path_factory.mktemp("parity_checkpoint"),
+        seed=0,
+        vision_config={"hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 256},
+        llm_config={"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 512},
+    )
+
+
+@pytest.fixture(scope="module")
+def sample_image(tmp_path_factory) -> Path:
+    """A seeded 1000x600 noise image: tiled 3x2 plus a thumbnail (7 tiles) under the config's limit of 6."""
+    pixels = np.random.default_rng(0).integers(0, 256, size=(600, 1000, 3), dtype=np.uint8)
+    path = tmp_path_factory.mktemp("image") / "noise.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def package_side(parity_checkpoint):
+    model = AutoModel.from_pretrained(parity_checkpoint, trust_remote_code=True, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(parity_checkpoint, trust_remote_code=True)
+    return model, tokenizer
+
+
+def image_request_text(tokenizer) -> str:
+    """The chat prompt with the `<image>` placeholder that vLLM expands, rendered by the tokenizer's chat template
+    as vLLM's server renders a chat request."""
+    turn = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}
+    return tokenizer.apply_chat_template([turn], add_generation_prompt=True, tokenize=False)
+
+
+@pytest.fixture(scope="module")
+def vllm_offline(vllm_python, parity_checkpoint, sample_image, package_side, repo_root, tmp_path_factory) -> dict:
+    """vLLM's greedy tokens for the image prompt and the text prompt (given as the package's token ids)."""
+    _, tokenizer = package_side
+    work = tmp_path_factory.mktemp("vllm_offline")
+    spec = {
+        "model": str(parity_checkpoint),
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "max_model_len": MAX_MODEL_LEN,
+        "dtype": "float32",
+        "kv_cache_bytes": KV_CACHE_BYTES,
+        "requests": [
+            {"name": "image", "prompt": image_request_text(tokenizer), "image": str(sample_image)},
+            {"name": "text", "prompt_token_ids": tokenizer(build_prompt(TEXT_QUESTION)).input_ids},
+        ],
+    }
+    (work / "requests.json").write_text(json.dumps(spec))
+    command = [vllm_python, str(repo_root / "tools" / "vllm_generate.py"), "requests.json", "results.json"]
+    log = work / "vllm.log"
+    with log.open("w") as output:
+        finished = subprocess.run(command, cwd=work, stdout=output, stderr=subprocess.STDOUT, timeout=ENGINE_TIMEOUT_S)
+    if finished.returncode != 0:
+        pytest.fail(f"vLLM failed (exit {finished.returncode}); the end of its log:\n{log.read_text()[-6000:]}")
+    return json.loads((work / "results.json").read_text())
+
+
+def package_greedy(package_side, prompt_ids: list[int], pixel_values) -> tuple[list[int], list[float]]:
+    """The package's greedy tokens for these prompt ids, and the log-probability of each."""
+    model, _ = package_side
+    input_ids = torch.tensor([prompt_ids])
+    output = model.generate(
+        pixel_values=pixel_values,
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=MAX_NEW_TOKENS,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    tokens = output.sequences[0].tolist()
+    logprobs = [
+        torch.log_softmax(scores[0].float(), -1)[token].item()
+        for scores, token in zip(output.scores, tokens, strict=True)
+    ]
+    return tokens, logprobs
+
+
+def tiles_of(sample_image, config) -> torch.Tensor:
+    return load_image(str(sample_image), max_num=config.max_dynamic_patch)
+
+
+@pytest.mark.vllm
+def test_vllm_loads_a_saved_directory_as_its_own_nvlm_d(vllm_offline):
+    assert vllm_offline["architectures"] == ["NVLM_D"]
+    assert vllm_offline["config_class"] == "NVLM_D_Config"
+
+
+@pytest.mark.vllm
+def test_vllm_expands_the_image_into_the_prompt_the_package_builds(vllm_offline, package_side, sample_image):
+    model, tokenizer = package_side
+    prompt_ids = vllm_offline["results"]["image"]["prompt_token_ids"]
+    tiles = tiles_of(sample_image, model.config).shape[0]
+    assert tokenizer.decode(prompt_ids) == build_prompt(QUESTION, [tiles])
+    assert prompt_ids.count(model.config.image_token_id) == tiles * model.config.num_image_token
+
+
+@pytest.mark.vllm
+def test_greedy_tokens_equal_vllms_for_an_image_prompt(vllm_offline, package_side, sample_image):
+    vllm = vllm_offline["results"]["image"]
+    tokens, _ = package_greedy(package_side, vllm["prompt_token_ids"], tiles_of(sample_image, package_side[0].config))
+    assert tokens == vllm["token_ids"]
+
+
+@pytest.mark.vllm
+def test_greedy_tokens_equal_vllms_for_a_text_prompt(vllm_offline, package_side):
+    vllm = vllm_offline["results"]["text"]
+    _, tokenizer = package_side
+    assert vllm["prompt_token_ids"] == tokenizer(build_prompt(TEXT_QUESTION)).input_ids
+    tokens, _ = package_greedy(package_side, vllm["prompt_token_ids"], None)
+    assert tokens == vllm["token_ids"]
+
+
+@pytest.mark.vllm
+def test_log_probabilities_of_the_greedy_tokens_agree_with_vllms(vllm_offline, package_side, sample_image):
+    pixel_values = {"image": tiles_of(sample_image, package_side[0].config), "text": None}
+    for name, vllm in vllm_offline["results"].items():
+        _, logprobs = package_greedy(package_side, vllm["prompt_token_ids"], pixel_values[name])
+        assert logprobs == pytest.approx(vllm["logprobs"], abs=1e-4), name
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_healthy(server: subprocess.Popen, url: str, log: Path) -> None:
+    """Poll the health endpoint until it answers 200; between polls, wait on the server's exit (an event), so a
+    server that dies is reported at once with its log."""
+    deadline = time.monotonic() + ENGINE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            code = server.wait(timeout=2)
+            pytest.fail(f"the server exited ({code}) before it was ready; its log ends:\n{log.read_text()[-6000:]}")
+    pytest.fail(f"the server was not ready after {ENGINE_TIMEOUT_S} s; its log ends:\n{log.read_text()[-6000:]}")
+
+
+def stop(server: subprocess.Popen) -> None:
+    """SIGTERM to the server's pid (vLLM then stops its engine processes), SIGKILL to its group if it lingers."""
+    if server.poll() is None:
+        server.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(timeout=120)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)  # its own session (start_new_session), so only what it started
+    server.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def served(vllm_python, parity_checkpoint, tmp_path_factory):
+    """`nvlm-d serve --cpu` on 127.0.0.1 (the command replaces itself with vLLM's server), stopped by its pid."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    command = [sys.executable, "-m", "nvlm_d.cli", "serve", "--model", str(parity_checkpoint), "--cpu"]
+    command += ["--python", vllm_python, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"]
+    command += ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "1GiB"]
+    command += ["--", "--enforce-eager", "--seed", "0"]
+    with log.open("w") as output:
+        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until_healthy(server, f"http://127.0.0.1:{port}/health", log)
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        stop(server)
+
+
+@pytest.mark.vllm
+def test_server_answers_a_chat_request_with_a_base64_image_as_the_package_does(
+    served, parity_checkpoint, sample_image, vllm_offline
+):
+    base_url, server = served
+    image_url = "data:image/png;base64," + base64.b64encode(sample_image.read_bytes()).decode()
+    request = {
+        "model": str(parity_checkpoint),
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": QUESTION}],
+            }
+        ],
+        "max_tokens": MAX_NEW_TOKENS,
+        "temperature": 0.0,
+        "return_token_ids": True,
+    }
+    posted = urllib.request.Request(
+        f"{base_url}/v1/chat/completions",
+        data=json.dumps(request).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(posted, timeout=REQUEST_TIMEOUT_S) as response:
+        answer = json.loads(response.read())
+    assert server.poll() is None  # the server is the process `nvlm-d serve` started: same pid, still running
+    offline = vllm_offline["results"]["image"]  # equal to the package's (test_greedy_tokens_equal_...)
+    assert answer["prompt_token_ids"] == offline["prompt_token_ids"]
+    assert answer["choices"][0]["token_ids"] == offline["token_ids"]
