@@ -1,41 +1,58 @@
 """NVLM-D-72B for Hugging Face transformers: the model, image loading, prompts, multi-GPU planning and a CLI.
 
-Importing the package also registers NVLM-D with transformers' Auto classes, so that a model directory loads
-with the installed code (`AutoModel.from_pretrained(path)`); with `trust_remote_code=True` the directory's own
-modules are used instead, as on the Hub.
+`import nvlm_d` is cheap: it imports neither torch nor transformers. Each public name is imported from its module
+the first time it is used (`nvlm_d.NVLM_D_Model`, `from nvlm_d import load_image`).
+
+Importing the package also registers NVLM-D with transformers' Auto classes (AutoConfig, AutoModel,
+AutoModelForCausalLM), as soon as transformers loads them (see `nvlm_d.auto_registration`). What
+`AutoModel.from_pretrained(path)` then builds for an NVLM-D model directory:
+
+* after `import nvlm_d`: the installed classes (`nvlm_d.NVLM_D_Model`), without `trust_remote_code`, and also
+  with `trust_remote_code=True`: transformers prefers classes registered by a package over a directory's
+  `auto_map`;
+* without `import nvlm_d` (installed or not): the directory's own modules, with `trust_remote_code=True`.
+  Without it, transformers asks whether to run the directory's code (in an interactive session) or raises a
+  ValueError asking for `trust_remote_code=True`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+import importlib
 
-from .configuration_nvlm_d import InternVisionConfig, NVLM_D_Config
-from .conversation import build_prompt, get_conv_template
-from .device_map import plan_device_map, smallest_gpu_count, split_model
-from .image_processing_nvlm_d import build_transform, dynamic_preprocess, load_image, load_images
-from .modeling_intern_vit import InternVisionModel
-from .modeling_nvlm_d import NVLM_D_Model
-from .quantization import bitsandbytes_config
+from . import auto_registration
 
 __version__ = "0.1.0"
 
-AutoConfig.register(NVLM_D_Config.model_type, NVLM_D_Config, exist_ok=True)
-AutoConfig.register(InternVisionConfig.model_type, InternVisionConfig, exist_ok=True)
-AutoModel.register(NVLM_D_Config, NVLM_D_Model, exist_ok=True)
-AutoModelForCausalLM.register(NVLM_D_Config, NVLM_D_Model, exist_ok=True)
-AutoModel.register(InternVisionConfig, InternVisionModel, exist_ok=True)
+# Public name -> the module that defines it, imported on first use. A new public name is one line here.
+_EXPORTS = {
+    "InternVisionConfig": "configuration_nvlm_d",
+    "NVLM_D_Config": "configuration_nvlm_d",
+    "build_prompt": "conversation",
+    "get_conv_template": "conversation",
+    "plan_device_map": "device_map",
+    "smallest_gpu_count": "device_map",
+    "split_model": "device_map",
+    "build_transform": "image_processing_nvlm_d",
+    "dynamic_preprocess": "image_processing_nvlm_d",
+    "load_image": "image_processing_nvlm_d",
+    "load_images": "image_processing_nvlm_d",
+    "InternVisionModel": "modeling_intern_vit",
+    "NVLM_D_Model": "modeling_nvlm_d",
+    "bitsandbytes_config": "quantization",
+}
 
-__all__ = [
-    "InternVisionConfig",
-    "InternVisionModel",
-    "NVLM_D_Config",
-    "NVLM_D_Model",
-    "bitsandbytes_config",
-    "build_prompt",
-    "build_transform",
-    "dynamic_preprocess",
-    "get_conv_template",
-    "load_image",
-    "load_images",
-    "plan_device_map",
-    "smallest_gpu_count",
-    "split_model",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+auto_registration.install()

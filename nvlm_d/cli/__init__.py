@@ -12,8 +12,10 @@ a command: a module whose `add_parser(commands)` adds a subparser whose defaults
 `COMMANDS`. Handlers take the parsed arguments and return an exit code; they raise `CLIError` for bad input,
 which `main` prints as one line (`nvlm-d: error: ...`) without a traceback.
 
-Heavy imports happen inside the handlers; still, importing the `nvlm_d` package registers NVLM-D with
-transformers' Auto classes, which imports torch and transformers (about 3 s, also for `--help`).
+Start-up stays cheap: the command modules import only the standard library and `nvlm_d.conversation` at the top,
+and `import nvlm_d` imports neither torch nor transformers, so `--help`, argument errors and the parsing of every
+command cost no more than the interpreter (measured in docs/cli.md). Heavy imports (torch, transformers, PIL) happen
+inside the handlers; a test checks that `--help` and argument errors load none of them.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from .. import __version__
 from . import batch, chat, demo, plan, serve, tiles
-from .common import PROG, CLIError, Parser, one_line, package_version, say
+from .common import PROG, CLIError, Parser, one_line, say
 
 # The subcommands, in the order `--help` lists them. A new command is one module more.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -44,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="NVLM-D-72B (InternViT-6B + Qwen2-72B) from the command line.",
         epilog=f"Start with '{PROG} demo' (offline, no weights needed). '{PROG} COMMAND --help' describes a command.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for add_command in COMMANDS:
         add_command(commands)
