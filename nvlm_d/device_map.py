@@ -11,11 +11,12 @@ import warnings
 
 import torch
 from accelerate import init_empty_weights
-from accelerate.utils import CustomDtype, compute_module_sizes, convert_file_size_to_int, infer_auto_device_map
+from accelerate.utils import CustomDtype, compute_module_sizes, infer_auto_device_map
 from torch import nn
 from transformers import PreTrainedConfig
 
 from .configuration_nvlm_d import NVLM_D_Config
+from .memory_size import GIB, parse_memory
 from .modeling_nvlm_d import NVLM_D_Model
 
 # Modules that stay on GPU 0 beside the vision tower: the decoder's input and output ends, so that image features,
@@ -79,8 +80,11 @@ def split_model(num_gpus: int | None = None, num_layers: int = 80) -> dict[str, 
 WEIGHT_BYTES = {"bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5}
 QUANTIZED_MODULES = r"^language_model\.model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$"
 CUDA_OVERHEAD_BYTES = 1 << 30  # CUDA context, cuBLAS workspaces and allocator slack, per GPU
-GIB = 1 << 30
 DECODER_LAYER = r"^language_model\.model\.layers\.(\d+)\."
+# The decoder's output end: with the `balanced` strategy it goes with the last decoder layers (every other module
+# that is not a decoder layer stays on GPU 0, as FIRST_GPU_MODULES says).
+DECODER_TAIL = ("language_model.model.norm", "language_model.lm_head")
+STRATEGIES = ("balanced", "sequential")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,26 +113,12 @@ class DevicePlan:
     dtype: str
     context: int
     batch: int
+    strategy: str
 
     @property
     def fits(self) -> bool:
         on_gpus = all(isinstance(device, int) for device in self.device_map.values())
         return on_gpus and all(gpu.free_bytes >= 0 for gpu in self.gpus)
-
-
-def parse_memory(size: int | str) -> int:
-    """Bytes from an int or a string such as `80GiB`, `141GB` or `512MiB`.
-
-    Raises:
-        ValueError: not a positive size with a unit.
-    """
-    try:
-        value = convert_file_size_to_int(size)
-    except (ValueError, AttributeError, TypeError):
-        value = -1
-    if value <= 0:
-        raise ValueError(f"memory must be a positive size such as '80GiB' or '141GB', got {size!r}")
-    return value
 
 
 def kv_cache_bytes_per_layer(llm_config: PreTrainedConfig, context: int, batch: int, element_bytes: int = 2) -> int:
@@ -224,14 +214,20 @@ def plan_device_map(
     batch: int = 1,
     tiles: int = 13,
     model: nn.Module | None = None,
+    strategy: str = "balanced",
 ) -> DevicePlan:
     """Place NVLM-D on `num_gpus` GPUs of `gpu_memory` each, without loading any weight.
 
-    accelerate's `infer_auto_device_map` places the modules (never splitting a decoder layer or the vision tower)
-    within what each GPU has left after its reserve: the KV cache of its decoder layers for `batch` x `context`
-    tokens, the prefill activations of one decoder layer, the vision tower's activations on `tiles` tiles (on the
-    GPU that holds it) and 1 GiB of CUDA overhead. The KV reserve depends on the layers placed, so placement is
-    repeated until it settles.
+    Each GPU reserves the KV cache of its decoder layers for `batch` x `context` tokens, the prefill activations of
+    one decoder layer, the vision tower's activations on `tiles` tiles (on GPU 0, which holds it) and 1 GiB of CUDA
+    overhead. The vision tower, the projector and the embeddings stay together on GPU 0; a decoder layer and the
+    vision tower are never split. Then, by `strategy`:
+
+    * `balanced` (the default, as accelerate's `device_map="balanced"` means it): the decoder layers are spread
+      over all `num_gpus` GPUs so that every GPU uses about the same memory, leaving headroom on each; the final
+      norm and the LM head go with the last layers.
+    * `sequential`: accelerate's `infer_auto_device_map` fills GPU 0, then GPU 1, ...; later GPUs may stay empty.
+      The KV reserve depends on the layers placed, so placement is repeated until it settles.
 
     Args:
         num_gpus: GPUs to plan for.
@@ -241,15 +237,18 @@ def plan_device_map(
         batch: sequences decoded together.
         tiles: the most image tiles one forward pass encodes (12 + thumbnail by default).
         model: the model on the meta device (`build_meta_model()`, the 72B, by default).
+        strategy: `balanced` or `sequential`.
 
     Raises:
-        ValueError: a non-positive count, size, context or batch, or an unknown dtype.
+        ValueError: a non-positive count, size, context or batch, or an unknown dtype or strategy.
     """
     for name, value in (("num_gpus", num_gpus), ("context", context), ("batch", batch), ("tiles", tiles)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if dtype not in WEIGHT_BYTES:
         raise ValueError(f"dtype must be one of {sorted(WEIGHT_BYTES)}, got {dtype!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
     capacity = parse_memory(gpu_memory)
     model = model if model is not None else build_meta_model()
     config = model.config
@@ -257,14 +256,32 @@ def plan_device_map(
     special = _special_dtypes(model, dtype)
     sizes = compute_module_sizes(model, dtype=element_dtype, special_dtypes=special)
     kv_per_layer = kv_cache_bytes_per_layer(config.llm_config, context, batch)
-    num_layers = config.llm_config.num_hidden_layers
     decoder_reserve = decoder_activation_bytes(config.llm_config, context, batch) + CUDA_OVERHEAD_BYTES
     reserve = [decoder_reserve + (vision_activation_bytes(config, tiles) if i == 0 else 0) for i in range(num_gpus)]
 
+    if strategy == "balanced":
+        device_map = _balanced_device_map(model, sizes, reserve, kv_per_layer)
+    else:
+        device_map = _sequential_device_map(model, sizes, reserve, kv_per_layer, capacity, element_dtype, special)
+    gpus = _usage(model, device_map, sizes, reserve, kv_per_layer, capacity)
+    return DevicePlan(device_map=device_map, gpus=gpus, dtype=dtype, context=context, batch=batch, strategy=strategy)
+
+
+def _sequential_device_map(
+    model: nn.Module,
+    sizes: dict[str, int],
+    reserve: list[int],
+    kv_per_layer: int,
+    capacity: int,
+    element_dtype: torch.dtype,
+    special: dict[str, torch.dtype | CustomDtype],
+) -> dict[str, int | str]:
+    """accelerate's in-order placement within what each GPU has left after its reserves."""
+    num_gpus = len(reserve)
+    num_layers = model.config.llm_config.num_hidden_layers
     layers_on = [math.ceil(num_layers / num_gpus)] * num_gpus
     for _ in range(10):
-        budgets = {i: capacity - reserve[i] - kv_per_layer * layers_on[i] for i in range(num_gpus)}
-        budgets = {i: max(budget, 0) for i, budget in budgets.items()}
+        budgets = {i: max(capacity - reserve[i] - kv_per_layer * layers_on[i], 0) for i in range(num_gpus)}
         with _quiet_accelerate():
             device_map = dict(
                 infer_auto_device_map(
@@ -275,17 +292,58 @@ def plan_device_map(
                     special_dtypes=special,
                 )
             )
-        gpus = _usage(model, device_map, sizes, reserve, kv_per_layer, capacity)
-        placed = [len(gpu.decoder_layers) for gpu in gpus]
+        placed = [len(gpu.decoder_layers) for gpu in _usage(model, device_map, sizes, reserve, kv_per_layer, 0)]
         if placed == layers_on:
             break
         layers_on = placed
-    return DevicePlan(device_map=device_map, gpus=gpus, dtype=dtype, context=context, batch=batch)
+    return device_map
+
+
+def _balanced_device_map(
+    model: nn.Module, sizes: dict[str, int], reserve: list[int], kv_per_layer: int
+) -> dict[str, int | str]:
+    """Every module that is not a decoder layer on GPU 0 (the tail on the last GPU); the decoder layers in order,
+    as many on each GPU as water-filling gives: one layer at a time to the GPU that uses the least memory so far
+    (weights, KV cache and reserves), which minimises the most any GPU uses, as the layers are all the same size."""
+    num_gpus = len(reserve)
+    num_layers = model.config.llm_config.num_hidden_layers
+    layer_names = [f"language_model.model.layers.{k}" for k in range(num_layers)]
+    units = [name for name, _ in model.named_children()]
+    while True:  # expand the modules that hold decoder layers, until the layers are units of their own
+        expandable = [name for name in units if name not in layer_names and _holds_a_layer(name, layer_names)]
+        if not expandable:
+            break
+        name = expandable[0]
+        children = [f"{name}.{child}" for child, _ in model.get_submodule(name).named_children()]
+        units[units.index(name) : units.index(name) + 1] = children
+    last = num_gpus - 1
+    device_map: dict[str, int | str] = {}
+    used = list(reserve)
+    for name in units:
+        if name not in layer_names:
+            device = last if name in DECODER_TAIL else 0
+            device_map[name] = device
+            used[device] += sizes[name]
+    counts = [0] * num_gpus
+    for name in layer_names:
+        gpu = min(range(num_gpus), key=lambda i: (used[i], i))
+        counts[gpu] += 1
+        used[gpu] += sizes[name] + kv_per_layer
+    layer = 0
+    for gpu, count in enumerate(counts):
+        for name in layer_names[layer : layer + count]:
+            device_map[name] = gpu
+        layer += count
+    return device_map
+
+
+def _holds_a_layer(name: str, layer_names: list[str]) -> bool:
+    return any(layer.startswith(name + ".") for layer in layer_names)
 
 
 def smallest_gpu_count(max_gpus: int = 64, **plan_kwargs) -> DevicePlan | None:
     """The plan on the fewest GPUs that fits, or None if `max_gpus` are not enough. Takes the arguments of
-    `plan_device_map` but `num_gpus`."""
+    `plan_device_map` but `num_gpus` (`strategy` included: the count is the fewest on which that strategy fits)."""
     model = plan_kwargs.pop("model", None) or build_meta_model()
     special = _special_dtypes(model, plan_kwargs.get("dtype", "bf16"))
     weights = compute_module_sizes(model, dtype=torch.bfloat16, special_dtypes=special)[""]
@@ -302,7 +360,7 @@ def format_plan(plan: DevicePlan) -> str:
     header = (
         f"{'GPU':>3}  {'decoder layers':<16}{'weights':>9}{'KV cache':>10}{'act.+CUDA':>11}{'free':>9}  other modules"
     )
-    lines = [f"dtype {plan.dtype}, context {plan.context} tokens x batch {plan.batch} (GiB)", header]
+    lines = [f"{plan.strategy}, dtype {plan.dtype}, context {plan.context} tokens x batch {plan.batch} (GiB)", header]
     for gpu in plan.gpus:
         layers = (
             f"{gpu.decoder_layers[0]}-{gpu.decoder_layers[-1]} ({len(gpu.decoder_layers)})"

@@ -8,7 +8,7 @@ import warnings
 import model_card_code
 import pytest
 import torch
-from accelerate.utils import check_device_map
+from accelerate.utils import check_device_map, convert_file_size_to_int
 from transformers import AutoModel
 
 from nvlm_d.device_map import (
@@ -121,6 +121,37 @@ def test_smallest_gpu_count_for_an_8k_context(meta_72b, gpu_memory, dtype, expec
     assert len(plan.gpus) == expected_gpus
 
 
+def test_a_balanced_plan_spreads_the_decoder_layers_over_every_gpu_given(meta_72b):
+    plan = plan_device_map(8, gpu_memory="80GB", model=meta_72b)
+    assert plan.fits and plan.strategy == "balanced"
+    check_device_map(meta_72b, plan.device_map)
+    counts = [len(gpu.decoder_layers) for gpu in plan.gpus]
+    assert all(counts) and sum(counts) == 80
+    layers = [layer for gpu in plan.gpus for layer in gpu.decoder_layers]
+    assert layers == list(range(80))  # in order: each GPU a contiguous range
+    used = [gpu.capacity_bytes - gpu.free_bytes for gpu in plan.gpus]
+    layer_bytes = 2 * sum(p.numel() for p in meta_72b.language_model.model.layers[0].parameters())
+    assert max(used) - min(used) <= layer_bytes + plan.gpus[0].kv_cache_bytes / counts[0]  # within one layer
+    for module in ("vision_model", "mlp1", "language_model.model.embed_tokens"):
+        assert plan.device_map[module] == 0
+    assert plan.device_map["language_model.lm_head"] == 7
+
+
+def test_a_sequential_plan_fills_the_gpus_in_order(meta_72b):
+    plan = plan_device_map(8, gpu_memory="80GB", model=meta_72b, strategy="sequential")
+    assert plan.fits
+    assert [len(gpu.decoder_layers) > 0 for gpu in plan.gpus] == [True] * 3 + [False] * 5
+
+
+@pytest.mark.parametrize("gpu_memory, dtype", [("80GB", "bf16"), ("141GB", "bf16"), ("80GB", "int4")])
+def test_the_balanced_plan_needs_no_more_gpus_than_the_sequential_one(meta_72b, gpu_memory, dtype):
+    counts = {
+        strategy: len(smallest_gpu_count(gpu_memory=gpu_memory, dtype=dtype, model=meta_72b, strategy=strategy).gpus)
+        for strategy in ("balanced", "sequential")
+    }
+    assert counts["balanced"] <= counts["sequential"]
+
+
 def test_a_plan_that_does_not_fit_says_so(meta_72b):
     plan = plan_device_map(1, gpu_memory="80GB", dtype="bf16", model=meta_72b)
     assert not plan.fits
@@ -133,10 +164,20 @@ def test_quantized_plans_keep_the_vision_tower_in_bf16(meta_72b):
     assert int4.gpus[0].weight_bytes > vision_bytes + 0.5 * 70e9
 
 
-@pytest.mark.parametrize("size", ["0GB", "-80GiB", "eighty", "", None])
+@pytest.mark.parametrize("size", ["0GB", "-80GiB", "eighty", "", "80 parsecs", None, True])
 def test_unparsable_or_non_positive_memory_is_rejected(size):
     with pytest.raises(ValueError, match="memory must be a positive size"):
         parse_memory(size)
+
+
+@pytest.mark.parametrize("size", ["80GB", "80GiB", "141GB", "24GiB", "512MiB", "1.5GB", "0.5GiB", "300KB", 10**9])
+def test_memory_sizes_are_counted_as_accelerate_counts_them(size):
+    assert parse_memory(size) == convert_file_size_to_int(size)
+
+
+def test_memory_units_ignore_case_and_a_bare_number_is_bytes():
+    assert parse_memory("80gib") == parse_memory("80GiB") == 80 << 30
+    assert parse_memory("1TB") == 10**12 and parse_memory("2048") == 2048
 
 
 @pytest.mark.parametrize(
@@ -145,6 +186,7 @@ def test_unparsable_or_non_positive_memory_is_rejected(size):
         ({"num_gpus": 0}, "num_gpus"),
         ({"num_gpus": 2, "dtype": "int3"}, "dtype"),
         ({"num_gpus": 2, "context": 0}, "context"),
+        ({"num_gpus": 2, "strategy": "diagonal"}, "strategy"),
     ],
 )
 def test_plan_rejects_bad_arguments(meta_72b, kwargs, message):

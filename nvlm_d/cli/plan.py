@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import CLIError, one_line, positive_int, quiet_transformers, resolve_model_path
+from ..memory_size import parse_memory
+from .common import CLIError, one_line, positive_int, quiet_transformers, resolve_model
 
 MAX_GPUS = 64  # the largest GPU count searched for a plan that fits
 
@@ -16,16 +17,25 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "plan",
         help="plan NVLM-D-72B over GPUs without weights: per-GPU memory, or how many GPUs it needs",
         description=(
-            "Build the model on the meta device (no weights, no GPU needed), place it with accelerate after "
-            "reserving each GPU's KV cache (context x batch), activations (the vision tower on --tiles tiles, one "
-            "decoder layer's prefill) and 1 GiB of CUDA overhead, and print what each GPU holds. Without --gpus, "
-            "plan on the fewest GPUs that fit. Exit code 1 if the model does not fit."
+            "Build the model on the meta device (no weights, no GPU needed), reserve each GPU's KV cache "
+            "(context x batch), activations (the vision tower on --tiles tiles, one decoder layer's prefill) and "
+            "1 GiB of CUDA overhead, place the modules in what is left, and print what each GPU holds. Without "
+            "--gpus, plan on the fewest GPUs that fit. Exit code 1 if the model does not fit."
         ),
     )
     parser.add_argument(
         "--gpus", type=positive_int, metavar="N", help="GPUs to plan for (default: the fewest that fit)"
     )
-    parser.add_argument("--gpu-memory", default="80GiB", metavar="SIZE", help="memory per GPU (default: 80GiB)")
+    parser.add_argument(
+        "--gpu-memory", type=_memory, default="80GiB", metavar="SIZE", help="memory per GPU (default: 80GiB)"
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=("balanced", "sequential"),
+        default="balanced",
+        help="balanced (default): spread the decoder layers over all the GPUs, the same memory used on each; "
+        "sequential: fill GPU 0, then GPU 1, ... (accelerate's infer_auto_device_map), later GPUs may stay empty",
+    )
     parser.add_argument(
         "--dtype",
         choices=("bf16", "fp16", "int8", "int4"),
@@ -57,25 +67,33 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _run_plan(args: argparse.Namespace) -> int:
-    from ..device_map import build_meta_model, format_plan, parse_memory, plan_device_map, smallest_gpu_count
-
+def _memory(text: str) -> str:
+    """`--gpu-memory`, checked while the arguments are parsed (the value stays as written, for the report)."""
     try:
-        parse_memory(args.gpu_memory)
+        parse_memory(text)
     except ValueError as exc:
-        raise CLIError(f"--gpu-memory: {exc}") from None
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _run_plan(args: argparse.Namespace) -> int:
     config = None
     if args.model:
+        source = resolve_model(args.model)
+        quiet_transformers()
         from transformers import AutoConfig
 
-        path = resolve_model_path(args.model)
-        quiet_transformers()
         try:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+            config = AutoConfig.from_pretrained(
+                source.path, trust_remote_code=True, local_files_only=source.local_files_only
+            )
         except Exception as exc:
-            raise CLIError(f"cannot read the config of {path}: {one_line(exc)}") from None
+            raise CLIError(f"cannot read the config of {source.path}: {one_line(exc)}") from None
         if getattr(config, "model_type", None) != "NVLM_D":
-            raise CLIError(f"{path} is not an NVLM-D model (model_type {getattr(config, 'model_type', None)!r})")
+            kind = getattr(config, "model_type", None)
+            raise CLIError(f"{source.path} is not an NVLM-D model (model_type {kind!r})")
+    from ..device_map import build_meta_model, format_plan, plan_device_map, smallest_gpu_count
+
     model = build_meta_model(config)
     settings = {
         "gpu_memory": args.gpu_memory,
@@ -84,6 +102,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         "batch": args.batch,
         "tiles": args.tiles,
         "model": model,
+        "strategy": args.strategy,
     }
     plan = plan_device_map(args.gpus, **settings) if args.gpus else smallest_gpu_count(MAX_GPUS, **settings)
     if plan is None:
