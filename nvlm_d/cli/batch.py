@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ from .common import (
     DEFAULT_MAX_NEW_TOKENS,
     PROG,
     CLIError,
+    TileSpec,
     TokenCounter,
     add_max_num,
     add_placement_options,
@@ -26,12 +28,13 @@ from .common import (
     is_int,
     is_number,
     load_model,
-    load_tiled_image,
     one_line,
-    resolve_model_path,
+    open_image,
+    resolve_model,
     resolve_placement,
     say,
     stack_images,
+    tile_image,
     with_image_placeholders,
 )
 
@@ -46,6 +49,8 @@ _REQUEST_GENERATION_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "num_beams": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "repetition_penalty": (lambda v: is_number(v) and v > 0, "a number > 0"),
 }
+# The other keys a request may have; `metadata` holds anything of the user's (not read, not copied).
+_REQUEST_KEYS = ("id", "question", "image", "metadata")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -54,7 +59,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="answer a JSONL file of requests, resumably and crash-safely",
         description=(
             "Answer every request of --input (one JSON object a line: id, question, optional image path or "
-            "list of paths, optional generation settings) into --output, one record a line, each flushed to "
+            "list of paths, optional generation settings, optional metadata of your own; any other key is an "
+            "error, as a misspelled keyword argument is in Python) into --output, one record a line, each flushed to "
             "disk as it is made. Run again with the same --output to resume: ids already answered are skipped, "
             "a line half-written by a crash is cut off first. A bad request becomes an error record and the "
             "run goes on; error records are final unless --retry-errors is given. Exit code 1 if the output "
@@ -101,8 +107,10 @@ def read_requests(path: Path) -> list[BatchRequest]:
         raw = path.read_bytes()
     except OSError as exc:
         raise CLIError(f"cannot read --input {path}: {exc.strerror}") from None
+    _check_not_one_document(path, raw)
     requests: list[BatchRequest] = []
     first_line_of: dict[tuple, int] = {}
+    objects = 0
     for number, data in enumerate(raw.split(b"\n"), start=1):
         if not data.strip():
             continue
@@ -115,6 +123,7 @@ def read_requests(path: Path) -> list[BatchRequest]:
         if not isinstance(record, dict):
             requests.append(BatchRequest(number, line_key, error=f"line {number} is not a JSON object"))
             continue
+        objects += 1
         if "id" not in record or record["id"] is None:
             requests.append(BatchRequest(number, line_key, error=f"line {number} has no id"))
             continue
@@ -140,11 +149,30 @@ def read_requests(path: Path) -> list[BatchRequest]:
             continue
         first_line_of[key] = number
         requests.append(_parse_request(record, number, key, path.absolute().parent))
+    if requests and not objects:
+        raise CLIError(f"--input {path} is not JSON Lines (one JSON object a line): {requests[0].error}")
     return requests
+
+
+def _check_not_one_document(path: Path, raw: bytes) -> None:
+    """A file that is one JSON document over several lines (an array of requests, a pretty-printed object) is not
+    JSON Lines, even where some of its lines happen to parse: say so once, instead of an error per line."""
+    if raw.strip().count(b"\n") == 0:
+        return
+    try:
+        document = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return
+    kind = "array" if isinstance(document, list) else "object" if isinstance(document, dict) else "value"
+    raise CLIError(f"--input {path} is one JSON {kind} over several lines, not JSON Lines: write one request a line")
 
 
 def _parse_request(record: dict, number: int, key: tuple, base: Path) -> BatchRequest:
     request = BatchRequest(number, key, id=record["id"])
+    unknown = [name for name in record if name not in _REQUEST_KEYS and name not in _REQUEST_GENERATION_KEYS]
+    if unknown:
+        request.error = _unknown_key(unknown[0])
+        return request
     question = record.get("question")
     if not isinstance(question, str) or not question.strip():
         request.error = (
@@ -172,6 +200,13 @@ def _parse_request(record: dict, number: int, key: tuple, base: Path) -> BatchRe
         return request
     request.question = question
     return request
+
+
+def _unknown_key(name: str) -> str:
+    known = [*_REQUEST_KEYS, *_REQUEST_GENERATION_KEYS]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key {name!r}{hint}; a request takes {', '.join(known)}"
 
 
 class ResultLog:
@@ -334,7 +369,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         raise CLIError("--output must not be the --input file")
     if output_path.is_dir():
         raise CLIError(f"--output {args.output}: is a directory")
-    model_path = resolve_model_path(args.model)
+    source = resolve_model(args.model)
     requests = read_requests(input_path)
     placement = resolve_placement(args)
 
@@ -353,8 +388,10 @@ def _run_batch(args: argparse.Namespace) -> int:
         )
         if any(request.error is None for request in todo):
             started = time.perf_counter()
-            model, tokenizer = load_model(model_path, placement, args.gpus)
-            say(f"{PROG} batch: loaded {model_path} in {time.perf_counter() - started:.1f} s ({placement.description})")
+            model, tokenizer = load_model(source, placement, args.gpus)
+            say(
+                f"{PROG} batch: loaded {source.path} in {time.perf_counter() - started:.1f} s ({placement.description})"
+            )
             _answer_all(todo, log, model, tokenizer, args)
         else:
             for request in todo:
@@ -369,6 +406,7 @@ def _answer_all(todo: list[BatchRequest], log: ResultLog, model: Any, tokenizer:
     import torch
     from tqdm.auto import tqdm
 
+    spec = TileSpec.of(model.config)
     total_tokens, total_seconds = 0, 0.0
     with tqdm(total=len(todo), file=sys.stderr, unit="req", desc="batch", dynamic_ncols=True) as progress:
         for request in todo:
@@ -378,7 +416,7 @@ def _answer_all(todo: list[BatchRequest], log: ResultLog, model: Any, tokenizer:
             else:
                 counter = TokenCounter()
                 try:
-                    images = [load_tiled_image(path, args.max_num) for path in request.images]
+                    images = [tile_image(open_image(path), args.max_num, spec) for path in request.images]
                     pixel_values, num_patches_list = stack_images(images)
                     generation = {"max_new_tokens": args.max_new_tokens, "do_sample": False, **request.generation}
                     if generation.get("do_sample"):  # the same answer for an id, whether or not the run resumed

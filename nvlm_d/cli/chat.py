@@ -12,17 +12,19 @@ from .common import (
     PROG,
     CLIError,
     TiledImage,
+    TileSpec,
     add_max_num,
     add_placement_options,
     check_placeholders,
     load_model,
-    load_tiled_image,
     one_line,
-    resolve_model_path,
+    open_image,
+    resolve_model,
     resolve_placement,
     say,
     stack_images,
     stream_chat,
+    tile_image,
     with_image_placeholders,
 )
 
@@ -63,19 +65,18 @@ _CHAT_HELP = (
 
 
 def _run_chat(args: argparse.Namespace) -> int:
-    model_path = resolve_model_path(args.model)
-    for path in args.image:
-        if not os.path.exists(path):
-            raise CLIError(f"image not found: {path}")
+    source = resolve_model(args.model)
     one_shot = args.question is not None
     if one_shot:
         if not args.question.strip():
             raise CLIError("the question is empty")
         question = with_image_placeholders(args.question, len(args.image))
         check_placeholders(question, len(args.image))
+    opened = [open_image(path) for path in args.image]  # a bad image fails at once, not after the long load
     placement = resolve_placement(args)
-    images = [load_tiled_image(path, args.max_num) for path in args.image]  # bad images fail before the long load
-    model, tokenizer = load_model(model_path, placement, args.gpus)
+    model, tokenizer = load_model(source, placement, args.gpus)
+    spec = TileSpec.of(model.config)
+    images = [tile_image(image, args.max_num, spec) for image in opened]
     generation_config = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
     if not one_shot:
         return _interactive_chat(model, tokenizer, generation_config, images, args.max_num)
@@ -134,7 +135,7 @@ def _interactive_chat(
                     say(f"{PROG}: error: /image needs a path")
                     continue
                 try:
-                    image = load_tiled_image(os.path.expanduser(argument), max_num)
+                    image = tile_image(open_image(os.path.expanduser(argument)), max_num, TileSpec.of(model.config))
                 except CLIError as exc:
                     say(f"{PROG}: error: {exc}")
                     continue

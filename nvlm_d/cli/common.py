@@ -16,8 +16,6 @@ from typing import Any
 from ..conversation import IMAGE_PLACEHOLDER
 
 PROG = "nvlm-d"
-TILE_SIZE = 448  # NVLM-D's tile side in pixels
-TOKENS_PER_TILE = 256  # image tokens per tile after the pixel shuffle
 DEFAULT_MAX_NUM = 6  # tiles per image at most (the model card's example uses 6; load_image's default is 12)
 DEFAULT_MAX_NEW_TOKENS = 1024  # the model card's generation_config
 
@@ -105,17 +103,8 @@ def add_max_num(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=DEFAULT_MAX_NUM,
         metavar="N",
-        help=f"at most N tiles of 448x448 per image, thumbnail not counted (default: {DEFAULT_MAX_NUM})",
+        help=f"at most N tiles per image, thumbnail not counted (default: {DEFAULT_MAX_NUM})",
     )
-
-
-def package_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("nvlm-d")
-    except Exception:
-        return "0+unknown"
 
 
 def fsync_dir(directory: Path) -> None:
@@ -136,6 +125,26 @@ def fsync_dir(directory: Path) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class TileSpec:
+    """How a model cuts images: the tile side in pixels and the image tokens each tile becomes."""
+
+    size: int
+    tokens: int
+
+    @classmethod
+    def of(cls, config: Any) -> TileSpec:
+        """From an NVLM-D config (`force_image_size`, `num_image_token`)."""
+        return cls(int(config.force_image_size), int(config.num_image_token))
+
+    @classmethod
+    def default(cls) -> TileSpec:
+        """NVLM-D-72B's, from the package's config defaults: for commands that load no model."""
+        from ..configuration_nvlm_d import NVLM_D_Config
+
+        return cls.of(NVLM_D_Config())
+
+
 @dataclasses.dataclass
 class TiledImage:
     """An image as the model gets it: its tiles' pixel values and how they were cut."""
@@ -143,7 +152,8 @@ class TiledImage:
     name: str
     size: tuple[int, int]  # original width, height
     grid: tuple[int, int]  # cols, rows
-    pixel_values: Any  # float32 tensor [num_tiles, 3, 448, 448]
+    pixel_values: Any  # float32 tensor [num_tiles, 3, tile size, tile size]
+    spec: TileSpec
 
     @property
     def num_tiles(self) -> int:
@@ -151,52 +161,63 @@ class TiledImage:
 
     def describe(self) -> str:
         cols, rows = self.grid
+        tokens = self.num_tiles * self.spec.tokens
         if cols * rows == 1:
-            return f"grid 1x1 = 1 tile (a single tile doubles as the thumbnail; {TOKENS_PER_TILE} image tokens)"
+            return f"grid 1x1 = 1 tile (a single tile doubles as the thumbnail; {tokens} image tokens)"
+        side = self.spec.size
         return (
-            f"grid {cols}x{rows} (cols x rows, resized to {cols * TILE_SIZE}x{rows * TILE_SIZE}) + thumbnail "
-            f"= {self.num_tiles} tiles ({self.num_tiles * TOKENS_PER_TILE} image tokens)"
+            f"grid {cols}x{rows} (cols x rows, resized to {cols * side}x{rows * side}) + thumbnail "
+            f"= {self.num_tiles} tiles ({tokens} image tokens)"
         )
 
 
-def open_image_checked(path: str):
-    """Open and decode an image file with the image module's checks, as a CLIError on failure."""
-    from PIL import Image
+@dataclasses.dataclass
+class OpenedImage:
+    """An image file, decoded and converted to RGB (as `load_image` converts it), with the path it came from."""
 
-    if not os.path.exists(path):
-        raise CLIError(f"image not found: {path}")
-    if os.path.isdir(path):
-        raise CLIError(f"image is a directory, not a file: {path}")
+    name: str
+    image: Any  # PIL.Image.Image, mode RGB
+
+
+def open_image(path: str | os.PathLike) -> OpenedImage:
+    """Decode an image file, or raise CLIError with one line saying why not. Every command opens images here, so
+    the same bad file gives the same message everywhere. Decoding needs no model: commands call this before
+    loading one, so that a bad image fails at once."""
+    from PIL import Image, UnidentifiedImageError
+
+    name = os.fspath(path)
+    if not os.path.exists(name):
+        raise CLIError(f"image not found: {name}")
+    if os.path.isdir(name):
+        raise CLIError(f"image is a directory, not a file: {name}")
     try:
-        image = Image.open(path)
-        image.load()
+        with Image.open(name) as image:
+            image.load()
     except Image.DecompressionBombError as exc:
-        raise CLIError(f"image too large: {path}: {one_line(exc)}") from None
-    except Exception as exc:
-        raise CLIError(f"cannot read image {path}: {one_line(exc)}") from None
+        raise CLIError(f"image too large: {name}: {one_line(exc)}") from None
+    except UnidentifiedImageError:
+        empty = os.path.isfile(name) and os.path.getsize(name) == 0
+        why = "the file is empty (0 bytes)" if empty else "not an image in a format Pillow can read"
+        raise CLIError(f"cannot read image {name}: {why}") from None
+    except OSError as exc:
+        if exc.errno is not None:  # the file system's error (permission denied, ...), not the data's
+            raise CLIError(f"cannot read image {name}: {exc.strerror}") from None
+        raise CLIError(f"cannot read image {name}: cannot decode the image data ({one_line(exc)})") from None
+    except Exception as exc:  # Pillow's plugins report bad data with many exception types
+        raise CLIError(f"cannot read image {name}: cannot decode the image data ({one_line(exc)})") from None
     if image.size[0] == 0 or image.size[1] == 0:
-        raise CLIError(f"image has no pixels: {path}")
-    return image
+        raise CLIError(f"image has no pixels: {name}")
+    return OpenedImage(name, image if image.mode == "RGB" else image.convert("RGB"))
 
 
-def load_tiled_image(path: str | os.PathLike, max_num: int) -> TiledImage:
-    """`load_image(path, max_num=max_num)` plus the grid it chose; bad files raise CLIError (one clear line)."""
+def tile_image(opened: OpenedImage, max_num: int, spec: TileSpec) -> TiledImage:
+    """The pixel values `load_image` gives for this image (`load_image(path, spec.size, max_num)`), and its grid."""
     from ..image_processing_nvlm_d import load_image, select_grid
 
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CLIError(f"image not found: {path}")
-    if os.path.isdir(path):
-        raise CLIError(f"image is a directory, not a file: {path}")
-    try:
-        pixel_values = load_image(path, max_num=max_num)
-    except (OSError, ValueError) as exc:  # InvalidImageError is an OSError, ImageTooLargeError a ValueError
-        raise CLIError(f"cannot read image {path}: {one_line(exc)}") from None
-    from PIL import Image
-
-    with Image.open(path) as image:  # the header only: the size for the grid
-        size = image.size
-    return TiledImage(path, size, select_grid(*size, max_num=max_num), pixel_values)
+    width, height = opened.image.size
+    pixel_values = load_image(opened.image, input_size=spec.size, max_num=max_num)
+    grid = select_grid(width, height, max_num=max_num, image_size=spec.size)
+    return TiledImage(opened.name, (width, height), grid, pixel_values, spec)
 
 
 def with_image_placeholders(question: str, num_new_images: int, first_index: int = 1, label: bool = False) -> str:
@@ -236,18 +257,66 @@ def stack_images(images: Sequence[TiledImage]) -> tuple[Any, list[int] | None]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def resolve_model_path(path: str) -> str:
-    """A local model directory (must hold config.json) or, when no such path exists, a Hub repo id."""
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """What `--model` names: a local directory, or a Hub id and whether to load it from the cache only."""
+
+    path: str
+    local_files_only: bool = False
+
+
+def resolve_model(path: str) -> ModelSource:
+    """A local model directory (must hold config.json) or, when no such path exists, a Hub id (see `_hub_model`)."""
     local = Path(path).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise CLIError(f"--model {path}: not a model directory (no config.json in it)")
-        return str(local)
+        return ModelSource(str(local))
     if local.exists():
         raise CLIError(f"--model {path}: is a file; expected a model directory (with config.json)")
     if _HUB_ID.fullmatch(path):
-        return path  # from the Hugging Face cache, or downloaded when online
+        return _hub_model(path)
     raise CLIError(f"--model {path}: no such directory")
+
+
+def _hub_model(repo_id: str) -> ModelSource:
+    """A Hub id, checked before anything is loaded: from the cache when HF_HUB_OFFLINE is set or the Hub cannot be
+    reached, downloaded (by transformers) otherwise.
+
+    One request to the Hub decides. Without it, an unreachable Hub costs huggingface_hub's retries (about 23 s a
+    file, several files) before transformers reports it."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    if constants.HF_HUB_OFFLINE:
+        if not cached:
+            raise CLIError(
+                f"--model {repo_id}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE "
+                f"forbids downloading it: download it first (hf download {repo_id}) or pass a local directory"
+            )
+        return ModelSource(repo_id, local_files_only=True)
+    try:
+        HfApi().model_info(repo_id, timeout=10)
+    except GatedRepoError:
+        raise CLIError(
+            f"--model {repo_id}: the repository is gated: accept its terms on huggingface.co and log in (hf auth login)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise CLIError(
+            f"--model {repo_id}: no such model on the Hugging Face Hub, and no such local directory "
+            "(a private repository needs hf auth login)"
+        ) from None
+    except Exception as exc:  # no network, DNS, proxy, timeout, a server error
+        if cached:
+            say(f"{PROG}: the Hugging Face Hub is unreachable ({one_line(exc)}); using the cached {repo_id}")
+            return ModelSource(repo_id, local_files_only=True)
+        raise CLIError(
+            f"--model {repo_id}: cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({one_line(exc)}) and "
+            f"the model is not in the cache ({constants.HF_HUB_CACHE}): download it where there is a network "
+            f"(hf download {repo_id}) or pass a local directory"
+        ) from None
+    return ModelSource(repo_id)
 
 
 @dataclasses.dataclass
@@ -290,31 +359,31 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load_model(path: str, placement: Placement, gpus: int | None = None) -> tuple[Any, Any]:
+def load_model(source: ModelSource, placement: Placement, gpus: int | None = None) -> tuple[Any, Any]:
     """`AutoModel.from_pretrained(path, trust_remote_code=True, ...)` and its tokenizer, quietly.
 
     Raises CLIError when either cannot be loaded."""
     quiet_transformers()
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    common: dict[str, Any] = {"trust_remote_code": True, "local_files_only": source.local_files_only}
     try:
-        kwargs: dict[str, Any] = {"trust_remote_code": True, "dtype": placement.dtype}
+        kwargs: dict[str, Any] = {**common, "dtype": placement.dtype}
         if placement.device_map == "split":
             from ..device_map import split_model
 
-            config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-            num_layers = config.llm_config.num_hidden_layers
-            kwargs["device_map"] = split_model(gpus, num_layers=num_layers)
+            config = AutoConfig.from_pretrained(source.path, **common)
+            kwargs["device_map"] = split_model(gpus, num_layers=config.llm_config.num_hidden_layers)
         elif placement.device_map is not None:
             kwargs["device_map"] = placement.device_map
-        model = AutoModel.from_pretrained(path, **kwargs).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        model = AutoModel.from_pretrained(source.path, **kwargs).eval()
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **common)
     except CLIError:
         raise
     except Exception as exc:
-        raise CLIError(f"cannot load the model from {path}: {one_line(exc)}") from None
+        raise CLIError(f"cannot load the model from {source.path}: {one_line(exc)}") from None
     if not callable(getattr(model, "chat", None)):
-        raise CLIError(f"{path} is not an NVLM-D model ({type(model).__name__} has no chat method)")
+        raise CLIError(f"{source.path} is not an NVLM-D model ({type(model).__name__} has no chat method)")
     return model, tokenizer
 
 

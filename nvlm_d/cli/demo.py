@@ -12,20 +12,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
 from .common import (
     CLIError,
+    ModelSource,
+    TileSpec,
     TokenCounter,
     add_max_num,
     add_placement_options,
     check_placeholders,
     fsync_dir,
     load_model,
-    load_tiled_image,
-    package_version,
+    one_line,
+    open_image,
     quiet_transformers,
-    resolve_model_path,
+    resolve_model,
     resolve_placement,
     stack_images,
+    tile_image,
     with_image_placeholders,
 )
 
@@ -65,6 +69,19 @@ def cache_root() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "nvlm_d"
 
 
+def _cache_error(root: Path, exc: OSError) -> CLIError:
+    """An unusable cache directory, with the fix that applies: NVLM_D_CACHE may be the cause, not the cure."""
+    reason = exc.strerror or one_line(exc)
+    if os.environ.get("NVLM_D_CACHE"):
+        return CLIError(
+            f"cannot write to the cache directory {root} ({reason}), which NVLM_D_CACHE names: "
+            "point NVLM_D_CACHE at a directory you can write to"
+        )
+    return CLIError(
+        f"cannot write to the cache directory {root} ({reason}): set NVLM_D_CACHE to a directory you can write to"
+    )
+
+
 def _source_fingerprint() -> str:
     """A short hash of the code a tiny checkpoint is made of, so an edited (editable) install rebuilds it."""
     digest = hashlib.sha256()
@@ -100,21 +117,21 @@ def ensure_tiny_checkpoint(seed: int = 0) -> tuple[Path, bool]:
     from ..tiny import save_tiny_checkpoint
 
     root = cache_root()
-    final = root / f"tiny-{package_version()}-seed{seed}-{_source_fingerprint()}"
+    final = root / f"tiny-{__version__}-seed{seed}-{_source_fingerprint()}"
     required = ("config.json", "model.safetensors", "tokenizer.json")
     if all((final / name).is_file() for name in required):
         return final, False
     try:
         root.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     except OSError as exc:
-        raise CLIError(f"cannot create the cache directory {root} ({exc.strerror}); set NVLM_D_CACHE") from None
-    if final.exists():  # incomplete (e.g. files removed by hand): rebuild it
-        shutil.rmtree(final, ignore_errors=True)
-    for stale in root.glob(f".tmp-{final.name}-*"):
-        if time.time() - stale.stat().st_mtime > 3600:  # an old crash's leftovers, not a concurrent build
-            shutil.rmtree(stale, ignore_errors=True)
-    building = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+        raise _cache_error(root, exc) from None
     try:
+        if final.exists():  # incomplete (e.g. files removed by hand): rebuild it
+            shutil.rmtree(final, ignore_errors=True)
+        for stale in root.glob(f".tmp-{final.name}-*"):
+            if time.time() - stale.stat().st_mtime > 3600:  # an old crash's leftovers, not a concurrent build
+                shutil.rmtree(stale, ignore_errors=True)
         quiet_transformers()  # no "Writing model shards" bar
         save_tiny_checkpoint(building, seed=seed)
         building.chmod(0o755)
@@ -213,8 +230,11 @@ def ensure_sample_image() -> Path:
     path = root / f"sample-{SAMPLE_IMAGE_SIZE[0]}x{SAMPLE_IMAGE_SIZE[1]}-v1.png"
     if path.is_file():
         return path
-    root.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=".tmp-sample-", suffix=".png", dir=root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=".tmp-sample-", suffix=".png", dir=root)
+    except OSError as exc:
+        raise _cache_error(root, exc) from None
     try:
         with os.fdopen(fd, "wb") as handle:
             draw_sample_image().save(handle, format="PNG")
@@ -232,24 +252,25 @@ def _prompt_tokens(model: Any, tokenizer: Any, question: str, num_patches_list: 
     """(prompt tokens, image tokens) of the prompt `chat` builds for this question (conversation.build_prompt)."""
     from ..conversation import build_prompt
 
+    tokens_per_tile = TileSpec.of(model.config).tokens
     prompt = build_prompt(
         question,
         num_patches_list or [],
         None,
-        template=model.template,
+        template=model.config.template,
         system_message=model.system_message,
-        num_image_token=model.num_image_token,
+        num_image_token=tokens_per_tile,
     )
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    image_tokens = sum(num_patches_list or []) * model.num_image_token
-    return len(ids), image_tokens
+    return len(ids), sum(num_patches_list or []) * tokens_per_tile
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     tiny = args.model is None
-    model_path = resolve_model_path(args.model) if not tiny else None
-    if args.image is not None and not os.path.isfile(args.image):
-        raise CLIError(f"image not found: {args.image}")
+    source = resolve_model(args.model) if not tiny else None
+    started = time.perf_counter()
+    opened = open_image(args.image) if args.image is not None else None  # a bad image fails before the model loads
+    open_seconds = time.perf_counter() - started
     placement = resolve_placement(args)
     out = sys.stdout
 
@@ -263,27 +284,29 @@ def _run_demo(args: argparse.Namespace) -> int:
             file=out,
         )
         started = time.perf_counter()
-        model_path, built = ensure_tiny_checkpoint(args.seed)
+        checkpoint, built = ensure_tiny_checkpoint(args.seed)
+        source = ModelSource(str(checkpoint))
         note = f"built now in {time.perf_counter() - started:.1f} s, cached for next time" if built else "cached"
-        row("checkpoint", f"{model_path} ({note})")
+        row("checkpoint", f"{checkpoint} ({note})")
     else:
-        print(f"NVLM-D demo on {model_path}\n", file=out)
-        row("model", model_path)
-    if args.image is None:
-        image_path = ensure_sample_image()
-        row("image", f"{image_path} ({SAMPLE_IMAGE_SIZE[0]}x{SAMPLE_IMAGE_SIZE[1]}, generated sample scene)")
+        print(f"NVLM-D demo on {source.path}\n", file=out)
+        row("model", source.path)
+    if opened is None:
+        sample = ensure_sample_image()
+        row("image", f"{sample} ({SAMPLE_IMAGE_SIZE[0]}x{SAMPLE_IMAGE_SIZE[1]}, generated sample scene)")
+        started = time.perf_counter()
+        opened = open_image(sample)
+        open_seconds = time.perf_counter() - started
     else:
-        image_path = Path(args.image)
+        row("image", f"{opened.name} ({opened.image.size[0]}x{opened.image.size[1]})")
 
     started = time.perf_counter()
-    model, tokenizer = load_model(str(model_path), placement, args.gpus)
+    model, tokenizer = load_model(source, placement, args.gpus)
     load_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    image = load_tiled_image(image_path, args.max_num)
-    preprocess_seconds = time.perf_counter() - started
-    if args.image is not None:
-        row("image", f"{image_path} ({image.size[0]}x{image.size[1]})")
+    image = tile_image(opened, args.max_num, TileSpec.of(model.config))
+    preprocess_seconds = open_seconds + time.perf_counter() - started
     row("tiling", f"--max-num {args.max_num} -> {image.describe()}")
 
     question = with_image_placeholders(args.question, 1)
@@ -292,8 +315,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     prompt_tokens, image_tokens = _prompt_tokens(model, tokenizer, question, num_patches_list)
     row(
         "prompt",
-        f"{prompt_tokens} tokens, {image_tokens} of them image tokens "
-        f"({image.num_tiles} tiles x {model.num_image_token})",
+        f"{prompt_tokens} tokens, {image_tokens} of them image tokens ({image.num_tiles} tiles x {image.spec.tokens})",
     )
     row("question", args.question)
 

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..conversation import image_prompt, tile_tags
-from .common import (
-    TILE_SIZE,
-    TOKENS_PER_TILE,
-    CLIError,
-    add_max_num,
-    one_line,
-    open_image_checked,
-    quiet_transformers,
-)
+from .common import CLIError, TileSpec, add_max_num, one_line, open_image, quiet_transformers
 
 PACKAGE_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "tokenizer"
 
@@ -35,13 +28,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="show how an image is tiled and how many tokens it costs",
         description=(
             "Print the tile grid NVLM-D chooses for IMAGE, the tile count (thumbnail included) and the prompt "
-            "tokens it costs, and write a PNG of the resized image with the grid drawn over it, beside the "
-            "448x448 thumbnail. Needs no model."
+            "tokens it costs, and write a picture of the resized image with the grid drawn over it, beside the "
+            "thumbnail. Needs no model: the tile size and tokens per tile are NVLM-D-72B's config defaults."
         ),
     )
-    parser.add_argument("image", metavar="IMAGE")
+    parser.add_argument("image", metavar="IMAGE", help="the image file to tile (any format Pillow reads)")
     add_max_num(parser)
-    parser.add_argument("--out", metavar="PNG", help="where to write the picture (default: <image name>.tiles.png)")
+    parser.add_argument(
+        "--out",
+        metavar="FILE",
+        help="where to write the picture; its extension picks the format: .png, .jpg, .webp, ... "
+        "(default: <image file name>.tiles.png in the current directory, e.g. photo.jpg.tiles.png)",
+    )
     parser.set_defaults(handler=_run_tiles)
 
 
@@ -50,7 +48,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def count_image_tokens(num_tiles: int) -> int | None:
+def count_image_tokens(num_tiles: int, tokens_per_tile: int) -> int | None:
     """Exact prompt tokens of one image of `num_tiles` tiles (`conversation.image_prompt`), counted with the
     package's tokenizer files; None when they are not installed."""
     if not (PACKAGE_TOKENIZER_DIR / "tokenizer_config.json").is_file():
@@ -59,21 +57,47 @@ def count_image_tokens(num_tiles: int) -> int | None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(PACKAGE_TOKENIZER_DIR))
-    return len(tokenizer(image_prompt(num_tiles), add_special_tokens=False).input_ids)
+    return len(tokenizer(image_prompt(num_tiles, tokens_per_tile), add_special_tokens=False).input_ids)
 
 
-def render_tiles_png(tiles: Sequence[Any], grid: tuple[int, int], title: str):
+def picture_path(out: str | None, image: str) -> tuple[Path, str]:
+    """Where the picture goes and in which Pillow format, checked before any work is done.
+
+    The default name keeps the image's whole file name (`photo.jpg.tiles.png`), so that `photo.png` and
+    `photo.jpg` in one directory get two pictures."""
+    from PIL import Image
+
+    path = Path(out) if out else Path(Path(image).name + ".tiles.png")
+    extension = path.suffix.lower()
+    format_name = Image.registered_extensions().get(extension)
+    if format_name is None or format_name not in Image.SAVE:
+        shown = extension or "a name without an extension"
+        raise CLIError(
+            f"--out {path}: cannot tell the picture format from {shown}; end the name with .png, .jpg or .webp "
+            "(or another extension Pillow writes)"
+        )
+    if path.is_dir():
+        raise CLIError(f"--out {path}: is a directory")
+    directory = path.parent
+    if not directory.is_dir():
+        raise CLIError(f"--out {path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise CLIError(f"--out {path}: directory {directory} is not writable")
+    return path, format_name
+
+
+def render_tiles_png(tiles: Sequence[Any], grid: tuple[int, int], title: str, tile_size: int):
     """The tiles as the model sees them: the grid (resized image) with 3 px `GRID_COLOR` lines on every tile
     boundary and a tag label in each tile, beside the thumbnail (when there is one), under a title line. The
     picture is widened (white on the right) only when the title is wider than the tiles.
 
     The grid's top-left pixel is at (PNG_MARGIN, PNG_HEADER); the thumbnail's at
-    (PNG_MARGIN + cols*448 + PNG_GAP, PNG_HEADER).
+    (PNG_MARGIN + cols*tile_size + PNG_GAP, PNG_HEADER).
     """
     from PIL import Image, ImageDraw, ImageFont
 
     cols, rows = grid
-    size = TILE_SIZE
+    size = tile_size
     thumbnail = tiles[-1] if len(tiles) > cols * rows else None
     title_font = ImageFont.load_default(size=20)
     label_font = ImageFont.load_default(size=16)
@@ -109,42 +133,42 @@ def render_tiles_png(tiles: Sequence[Any], grid: tuple[int, int], title: str):
 
 
 def _run_tiles(args: argparse.Namespace) -> int:
+    out, picture_format = picture_path(args.out, args.image)
+    opened = open_image(args.image)
     from ..image_processing_nvlm_d import dynamic_preprocess, select_grid
 
-    image = open_image_checked(args.image)
-    if image.mode != "RGB":  # as load_image: to RGB first, then tiled (a "P" image would otherwise be resized nearest)
-        image = image.convert("RGB")
-    width, height = image.size
-    cols, rows = select_grid(width, height, max_num=args.max_num)
-    tiles = dynamic_preprocess(image, min_num=1, max_num=args.max_num, image_size=TILE_SIZE, use_thumbnail=True)
+    spec = TileSpec.default()
+    side = spec.size
+    width, height = opened.image.size
+    cols, rows = select_grid(width, height, max_num=args.max_num, image_size=side)
+    tiles = dynamic_preprocess(opened.image, min_num=1, max_num=args.max_num, image_size=side, use_thumbnail=True)
     n = len(tiles)
 
     print(f"image       {args.image}: {width}x{height} (aspect {width / height:.3f}), --max-num {args.max_num}")
     if n == 1:
-        print("grid        1x1 (cols x rows), resized to 448x448")
+        print(f"grid        1x1 (cols x rows), resized to {side}x{side}")
         print("tiles       1 (a single tile is also the thumbnail: no separate thumbnail)")
     else:
-        print(f"grid        {cols}x{rows} (cols x rows), resized to {cols * TILE_SIZE}x{rows * TILE_SIZE}")
-        print(f"tiles       {n} = {cols * rows} grid tiles + 1 thumbnail (448x448 each)")
-    exact = count_image_tokens(n)
-    pads = n * TOKENS_PER_TILE
+        print(f"grid        {cols}x{rows} (cols x rows), resized to {cols * side}x{rows * side}")
+        print(f"tiles       {n} = {cols * rows} grid tiles + 1 thumbnail ({side}x{side} each)")
+    exact = count_image_tokens(n, spec.tokens)
+    pads = n * spec.tokens
     if exact is None:
         print(
-            f"tokens      {pads} image tokens ({n} x {TOKENS_PER_TILE}) + the <Image>/<tile_k> tags, not counted: "
+            f"tokens      {pads} image tokens ({n} x {spec.tokens}) + the <Image>/<tile_k> tags, not counted: "
             f"the tokenizer files are missing from {PACKAGE_TOKENIZER_DIR}"
         )
         tokens_text = f"{pads}+ tokens"
     else:
         tags = exact - pads
-        print(f"tokens      {exact} = {pads} image tokens ({n} x {TOKENS_PER_TILE}) + {tags} tag/wrapper tokens")
+        print(f"tokens      {exact} = {pads} image tokens ({n} x {spec.tokens}) + {tags} tag/wrapper tokens")
         tokens_text = f"{exact} tokens"
 
-    out = Path(args.out) if args.out else Path(Path(args.image).stem + ".tiles.png")
     grid_text = f"grid {cols}x{rows}" + (" + thumbnail" if n > 1 else "")
-    title = f"{Path(args.image).name}  {width}x{height}  ->  {grid_text} = {n} tiles of 448x448, {tokens_text}"
-    picture = render_tiles_png(tiles, (cols, rows), title)
+    title = f"{Path(args.image).name}  {width}x{height}  ->  {grid_text} = {n} tiles of {side}x{side}, {tokens_text}"
+    picture = render_tiles_png(tiles, (cols, rows), title, side)
     try:
-        picture.save(out, format="PNG")
+        picture.save(out, format=picture_format)
     except OSError as exc:
         raise CLIError(f"cannot write {out}: {exc.strerror or one_line(exc)}") from None
     print(f"wrote       {out} ({picture.size[0]}x{picture.size[1]})")
