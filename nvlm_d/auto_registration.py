@@ -123,7 +123,7 @@ def _register_or_warn(register: Callable[[], None]) -> None:
 
 
 class _CountingLoader:
-    """A transformers module's own loader, counting the module as executing while its code runs."""
+    """A watched module's own loader, counting the module as executing while its code runs."""
 
     def __init__(self, loader, finder: _RegisterAfterTransformersImports) -> None:
         self._loader = loader

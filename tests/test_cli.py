@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from nvlm_d.cli import main
@@ -38,6 +39,7 @@ from nvlm_d.cli.tiles import GRID_COLOR, PNG_GAP, PNG_HEADER, PNG_MARGIN
 from nvlm_d.configuration_nvlm_d import NVLM_D_Config
 from nvlm_d.conversation import image_prompt
 from nvlm_d.image_processing_nvlm_d import load_image
+from nvlm_d.tiny import save_tiny_checkpoint
 
 FAST = ["--max-new-tokens", "4"]
 GREEDY4 = {"max_new_tokens": 4, "do_sample": False}
@@ -305,6 +307,19 @@ def test_chat_one_shot_with_two_images_numbers_them_and_stacks_their_tiles(
         num_patches_list=[len(scene), len(small)],
     )
     assert cli_main.stdout == expected + "\n"
+
+
+def test_chat_tiles_images_at_the_tile_size_of_the_models_config(cli_main, images, tmp_path_factory):
+    """A model whose tiles are 224 px (64 tokens each, not 448 and 256): the CLI takes both from its config."""
+    checkpoint = save_tiny_checkpoint(
+        tmp_path_factory.mktemp("tiny_224"), seed=0, vision_config={"image_size": 224}, force_image_size=224
+    )
+    model = AutoModel.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    code, stderr = cli_main("chat", "--model", checkpoint, *FAST, "--image", images / "scene.png", "What is it?")
+    assert code == 0, stderr
+    pixel_values = load_image(images / "scene.png", input_size=224, max_num=6)
+    assert cli_main.stdout == model.chat(tokenizer, pixel_values, "<image>\nWhat is it?", GREEDY4) + "\n"
 
 
 def test_interactive_chat_keeps_history_attaches_images_resets_and_quits(

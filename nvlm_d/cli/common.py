@@ -203,11 +203,18 @@ def open_image(path: str | os.PathLike) -> OpenedImage:
         if exc.errno is not None:  # the file system's error (permission denied, ...), not the data's
             raise CLIError(f"cannot read image {name}: {exc.strerror}") from None
         raise CLIError(f"cannot read image {name}: cannot decode the image data ({one_line(exc)})") from None
+    except MemoryError:
+        raise
     except Exception as exc:  # Pillow's plugins report bad data with many exception types
         raise CLIError(f"cannot read image {name}: cannot decode the image data ({one_line(exc)})") from None
     if image.size[0] == 0 or image.size[1] == 0:
         raise CLIError(f"image has no pixels: {name}")
-    return OpenedImage(name, image if image.mode == "RGB" else image.convert("RGB"))
+    if image.mode == "RGB":
+        return OpenedImage(name, image)
+    try:
+        return OpenedImage(name, image.convert("RGB"))
+    except ValueError as exc:
+        raise CLIError(f"cannot read image {name}: cannot convert mode {image.mode} to RGB ({one_line(exc)})") from None
 
 
 def tile_image(opened: OpenedImage, max_num: int, spec: TileSpec) -> TiledImage:
