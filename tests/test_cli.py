@@ -748,6 +748,7 @@ def test_a_cached_hub_model_loads_when_the_hub_is_unreachable(
     result = run_process(cli_command("chat", "--model", "nvlm-d/tiny", *FAST, "Hello, who are you?"), hub_env)
     assert_ok(result)
     assert "unreachable" in result.stderr and "using the cached nvlm-d/tiny" in result.stderr
+    assert "Retrying" not in result.stderr  # no request beyond the one that found the Hub unreachable
     assert result.stdout == tiny_model.chat(tokenizer, None, "Hello, who are you?", GREEDY4) + "\n"
 
 

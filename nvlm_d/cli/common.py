@@ -383,6 +383,8 @@ def load_model(source: ModelSource, placement: Placement, gpus: int | None = Non
             kwargs["device_map"] = split_model(gpus, num_layers=config.llm_config.num_hidden_layers)
         elif placement.device_map is not None:
             kwargs["device_map"] = placement.device_map
+        if source.local_files_only:  # transformers 5.24 does not pass it on to its PEFT-adapter lookup, which
+            kwargs["adapter_kwargs"] = {"local_files_only": True}  # would otherwise retry the Hub for ~23 s
         model = AutoModel.from_pretrained(source.path, **kwargs).eval()
         tokenizer = AutoTokenizer.from_pretrained(source.path, **common)
     except CLIError:
