@@ -188,6 +188,7 @@ def test_help_argument_errors_and_plan_parsing_import_no_heavy_library(cli_env):
         ["plan", "--gpus", "0"],
         ["plan", "--strategy", "diagonal"],
         ["batch", "--model", "m", "--input", "r.jsonl"],
+        ["serve", "--help"],
         ["frobnicate"],
     ]
     result = run_process([sys.executable, "-c", STARTUP_PROBE, json.dumps(argvs), *HEAVY_MODULES], cli_env)
