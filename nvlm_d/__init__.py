@@ -4,7 +4,8 @@
 the first time it is used (`nvlm_d.NVLM_D_Model`, `from nvlm_d import load_image`).
 
 Importing the package also registers NVLM-D with transformers' Auto classes (AutoConfig, AutoModel,
-AutoModelForCausalLM), as soon as transformers loads them (see `nvlm_d.auto_registration`). What
+AutoModelForCausalLM, AutoModelForImageTextToText, AutoImageProcessor, AutoProcessor), as soon as transformers
+loads them (see `nvlm_d.auto_registration`). What
 `AutoModel.from_pretrained(path)` then builds for an NVLM-D model directory:
 
 * after `import nvlm_d`: the installed classes (`nvlm_d.NVLM_D_Model`), without `trust_remote_code`, and also
@@ -34,6 +35,9 @@ _EXPORTS = {
     "dynamic_preprocess": "image_processing_nvlm_d",
     "load_image": "image_processing_nvlm_d",
     "load_images": "image_processing_nvlm_d",
+    "NVLM_D_ImageProcessor": "image_processing_nvlm_d",
+    "NVLM_D_Processor": "processing_nvlm_d",
+    "ChatSession": "chat_session",
     "InternVisionModel": "modeling_intern_vit",
     "NVLM_D_Model": "modeling_nvlm_d",
     "bitsandbytes_config": "quantization",

@@ -31,7 +31,7 @@ def _register_configs() -> None:
 
 
 def _register_models() -> None:
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
     from .configuration_nvlm_d import InternVisionConfig, NVLM_D_Config
     from .modeling_intern_vit import InternVisionModel
@@ -39,7 +39,28 @@ def _register_models() -> None:
 
     AutoModel.register(NVLM_D_Config, NVLM_D_Model, exist_ok=True)
     AutoModelForCausalLM.register(NVLM_D_Config, NVLM_D_Model, exist_ok=True)
+    AutoModelForImageTextToText.register(NVLM_D_Config, NVLM_D_Model, exist_ok=True)
     AutoModel.register(InternVisionConfig, InternVisionModel, exist_ok=True)
+
+
+def _register_image_processor() -> None:
+    from transformers import AutoImageProcessor
+
+    from .configuration_nvlm_d import NVLM_D_Config
+    from .image_processing_nvlm_d import NVLM_D_ImageProcessor
+
+    # One class whatever backend is asked for: the tiles must be PIL's bicubic resize to equal the card's, bit for bit.
+    backends = {"pil": NVLM_D_ImageProcessor, "torchvision": NVLM_D_ImageProcessor}
+    AutoImageProcessor.register(NVLM_D_Config, image_processor_classes=backends, exist_ok=True)
+
+
+def _register_processor() -> None:
+    from transformers import AutoProcessor
+
+    from .configuration_nvlm_d import NVLM_D_Config
+    from .processing_nvlm_d import NVLM_D_Processor
+
+    AutoProcessor.register(NVLM_D_Config, NVLM_D_Processor, exist_ok=True)
 
 
 # The transformers module that defines an Auto class -> what to register once it is loaded. A new Auto class
@@ -47,6 +68,8 @@ def _register_models() -> None:
 REGISTRATIONS: dict[str, Callable[[], None]] = {
     "transformers.models.auto.configuration_auto": _register_configs,
     "transformers.models.auto.modeling_auto": _register_models,
+    "transformers.models.auto.image_processing_auto": _register_image_processor,
+    "transformers.models.auto.processing_auto": _register_processor,
 }
 
 

@@ -58,8 +58,10 @@ def test_an_unknown_name_is_an_attribute_error():
 
 
 REGISTERED = """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
     import nvlm_d
 
     assert CONFIG_MAPPING["NVLM_D"] is nvlm_d.NVLM_D_Config
@@ -67,6 +69,9 @@ REGISTERED = """
     assert AutoModel._model_mapping[nvlm_d.NVLM_D_Config] is nvlm_d.NVLM_D_Model
     assert AutoModelForCausalLM._model_mapping[nvlm_d.NVLM_D_Config] is nvlm_d.NVLM_D_Model
     assert AutoModel._model_mapping[nvlm_d.InternVisionConfig] is nvlm_d.InternVisionModel
+    assert AutoModelForImageTextToText._model_mapping[nvlm_d.NVLM_D_Config] is nvlm_d.NVLM_D_Model
+    assert PROCESSOR_MAPPING[nvlm_d.NVLM_D_Config] is nvlm_d.NVLM_D_Processor
+    assert IMAGE_PROCESSOR_MAPPING[nvlm_d.NVLM_D_Config]["pil"] is nvlm_d.NVLM_D_ImageProcessor
     print("registered")
 """
 
@@ -91,15 +96,18 @@ def test_after_import_nvlm_d_a_model_directory_loads_the_installed_classes(tiny_
         """
         import sys
         import nvlm_d
-        from transformers import AutoModel
+        from transformers import AutoModel, AutoProcessor
 
         plain = AutoModel.from_pretrained(sys.argv[1])
         trusted = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(sys.argv[1])
         print(type(plain) is nvlm_d.NVLM_D_Model, type(trusted) is nvlm_d.NVLM_D_Model)
+        image_processor = processor.image_processor
+        print(type(processor) is nvlm_d.NVLM_D_Processor, type(image_processor) is nvlm_d.NVLM_D_ImageProcessor)
         """,
         str(tiny_checkpoint),
     )
-    assert classes.split() == ["True", "True"]
+    assert classes.split() == ["True", "True", "True", "True"]
 
 
 def test_without_import_nvlm_d_transformers_asks_for_trust_remote_code(tiny_checkpoint):
