@@ -2,7 +2,7 @@
 
 A scaled NVLM-D (vision and decoder widths 256, 4 + 4 layers, the real 448 px tiles and 152,064-token vocabulary,
 attention padded with dummy heads in NVLM's proportion, 8 real + 2 dummy, zeroed as in the released checkpoint) and
-`InternVLForConditionalGeneration` built from its weights (nvlm_d.internvl_twin) run the same work:
+`InternVLForConditionalGeneration` built from its weights (tests/internvl_twin.py) run the same work:
 
   vision    7 tiles through the vision tower and projector
   prefill   7 tiles + a chat prompt: image features merged, one decoder pass, last-token logits
@@ -26,36 +26,23 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 
 from nvlm_d.conversation import build_prompt
-from nvlm_d.internvl_twin import internvl_twin
-from nvlm_d.tiny import build_tiny_model, zero_dummy_heads_
+from nvlm_d.tiny import build_benchmark_model
 
-SCALED = {
-    "vision_config": {
-        "hidden_size": 256,
-        "intermediate_size": 1024,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 8,
-        "num_dummy_heads": 2,
-    },
-    "llm_config": {
-        "hidden_size": 256,
-        "intermediate_size": 256,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 2,
-    },
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from internvl_twin import internvl_twin  # noqa: E402  (a test oracle, not part of the package)
+
 TILES = 7
 NEW_TOKENS = 32
 QUESTION = "Please describe the image shortly."
 
 
 def build_models():
-    ours = zero_dummy_heads_(build_tiny_model(seed=0, **{k: dict(v) for k, v in SCALED.items()}))
+    ours = build_benchmark_model(seed=0)
     return ours, internvl_twin(ours)
 
 

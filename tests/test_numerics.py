@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from internvl_twin import internvl_twin
 
-from nvlm_d.internvl_twin import internvl_twin
 from nvlm_d.tiny import build_tiny_model, zero_dummy_heads_
 
 IMAGE_TOKEN = 151654

@@ -14,7 +14,7 @@ import re
 import torch
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-from .modeling_nvlm_d import NVLM_D_Model
+from nvlm_d.modeling_nvlm_d import NVLM_D_Model
 
 # transformers' InternVL converter renames, applied in order (reference_facts.md, section J).
 RENAMES = (
