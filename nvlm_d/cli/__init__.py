@@ -6,6 +6,8 @@
     nvlm-d batch --model PATH --input R.jsonl --output A.jsonl
                                                   resumable, crash-safe batch inference
     nvlm-d plan [--gpus N] [--gpu-memory 80GiB]   how NVLM-D-72B fits on GPUs, without weights
+    nvlm-d finetune --model PATH --data D.jsonl --output DIR
+                                                  fine-tune (LoRA, QLoRA, full) on one GPU or many
 
 One module a command (demo.py, chat.py, tiles.py, batch.py, plan.py), with what they share in common.py. Adding
 a command: a module whose `add_parser(commands)` adds a subparser whose defaults set `handler`, listed in
@@ -23,7 +25,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from . import batch, chat, demo, plan, serve, tiles
+from . import batch, chat, demo, finetune, plan, serve, tiles
 from .common import PROG, CLIError, Parser, one_line, package_version, say
 
 # The subcommands, in the order `--help` lists them. A new command is one module more.
@@ -34,6 +36,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     batch.add_parser,
     plan.add_parser,
     serve.add_parser,
+    finetune.add_parser,
 ]
 
 
