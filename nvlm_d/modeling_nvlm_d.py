@@ -137,7 +137,8 @@ def _wrap_with_lora(
     config = LoraConfig(
         r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=list(targets), task_type=task_type
     )
-    return get_peft_model(module, config)
+    # peft's new dropout layers start in training mode; keep the mode the module was in (eval after loading)
+    return get_peft_model(module, config).train(module.training)
 
 
 def _restarts_positions(position_ids: torch.Tensor | None) -> bool:

@@ -82,7 +82,7 @@ def apply_lora(
         target_modules=lora_target_pattern({"llm", "vision"} - frozen),
         modules_to_save=None if "mlp1" in frozen else ["mlp1"],
     )
-    peft_model = peft.get_peft_model(model, config)
+    peft_model = peft.get_peft_model(model, config).train(model.training)
     # Gradients must flow into the decoder from its (frozen) embeddings for gradient checkpointing to work.
     peft_model.enable_input_require_grads()
     return peft_model
