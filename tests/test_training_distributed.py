@@ -37,6 +37,7 @@ def run_report(tmp_path: Path, script: str, *args: object) -> dict:
     return json.loads(report.read_text())
 
 
+@pytest.mark.slow
 def test_text_only_examples_train_under_two_rank_ddp(tmp_path, tiny_checkpoint, conversations_file):
     ranks = run_report(tmp_path, "ddp_text_only.py", tiny_checkpoint, conversations_file)
     assert [rank["image_flags"] for rank in ranks] == [[1], [0]]  # rank 1 has only the dummy tile
@@ -44,6 +45,7 @@ def test_text_only_examples_train_under_two_rank_ddp(tmp_path, tiny_checkpoint, 
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # the same weights after averaged gradients
 
 
+@pytest.mark.slow
 def test_fsdp2_gradients_equal_those_of_one_process(tmp_path, tiny_checkpoint, conversations_file):
     report = run_report(tmp_path, "fsdp2_gradients.py", tiny_checkpoint, conversations_file)
     assert report["missing"] == []  # every parameter got a gradient, the vision tower's on the text-only rank too
@@ -53,6 +55,7 @@ def test_fsdp2_gradients_equal_those_of_one_process(tmp_path, tiny_checkpoint, c
     assert "vision_model.encoder.layers.0" in sharded and "language_model.model.layers.1" in sharded
 
 
+@pytest.mark.slow
 def test_deepspeed_zero3_builds_the_model_partitioned_and_trains_two_steps(
     tmp_path, tiny_checkpoint, conversations_file
 ):

@@ -285,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     model_path = resolve_model_path(args.model)
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, set_seed
     from transformers.utils import logging as hf_logging
 
     from ..processing_nvlm_d import NVLM_D_Processor
@@ -293,6 +293,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training.trainer import build_trainer, latest_complete_checkpoint
 
     hf_logging.set_verbosity_warning()
+    set_seed(args.seed)  # before the adapters are created: their initial weights come from this seed
     cuda = torch.cuda.is_available()
     bf16 = (args.dtype or ("bf16" if cuda else "fp32")) == "bf16"
     training_args = training_arguments(args, cuda, bf16)
