@@ -131,14 +131,12 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_weights_of_an_uninterrup
         (["--save-total-limit=1"], "at least 2"),
     ],
 )
-@pytest.mark.slow
 def test_impossible_settings_are_one_line_errors(tiny_checkpoint, records, tmp_path, capsys, arguments, message):
     argv = ["finetune", f"--model={tiny_checkpoint}", f"--data={records}", f"--output={tmp_path}", *arguments]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_a_missing_data_file_is_named(tiny_checkpoint, tmp_path, capsys):
     missing = tmp_path / "none.jsonl"
     assert main(["finetune", f"--model={tiny_checkpoint}", f"--data={missing}", f"--output={tmp_path}"]) == 2
