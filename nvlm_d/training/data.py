@@ -175,8 +175,6 @@ def conversation_text(
             system_message=conversation.system,
             num_image_token=num_image_token,
         )
-        if not prompt.startswith(text):
-            raise RecordError(f"line {conversation.line}: turn {k + 1}'s prompt does not extend the previous turns")
         text = prompt + answer + IM_END_TOKEN
         spans.append((len(prompt), len(text)))
     return text, spans
