@@ -126,6 +126,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_weights_of_an_uninterrup
     ("arguments", "message"),
     [
         (["--qlora"], "give --lora R too"),
+        (["--lora=4", "--qlora", "--fsdp"], "--qlora is not sharded"),
         (["--lora=4", "--freeze=vision,llm"], "needs the decoder or the vision tower unfrozen"),
         (["--freeze=vision,mlp1,llm"], "leaves nothing to train"),
         (["--save-total-limit=1"], "at least 2"),

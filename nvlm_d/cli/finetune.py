@@ -126,6 +126,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def _check(args: argparse.Namespace) -> None:
     if args.qlora and not args.lora:
         raise CLIError("--qlora trains LoRA adapters on a 4-bit decoder: give --lora R too")
+    if args.qlora and (args.deepspeed is not None or args.fsdp is not None):
+        raise CLIError("--qlora is not sharded: run it on one GPU, or one copy per GPU with plain torchrun (DDP)")
     if args.lora and set(args.freeze) >= {"vision", "llm"}:
         raise CLIError("--lora needs the decoder or the vision tower unfrozen (see --freeze)")
     if not args.lora and set(args.freeze) == set(PARTS):
