@@ -40,15 +40,16 @@ def test_lora_trains_adapters_and_the_projector_only_and_the_loss_falls(batch):
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     assert trainable and all("lora_" in name or ".mlp1.modules_to_save." in name for name in trainable)
     assert any("language_model" in name for name in trainable) and not any("vision_model" in name for name in trainable)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
-    for _ in range(4):
+    for _ in range(5):
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.5, losses
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:], strict=False)), losses
+    assert losses[-1] < losses[0] - 0.3, losses
 
 
 def test_unfreezing_the_vision_tower_puts_adapters_on_its_layers():
