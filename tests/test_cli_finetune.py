@@ -77,10 +77,15 @@ def uninterrupted(tiny_checkpoint, records, tmp_path_factory) -> tuple[Path, str
 
 
 @pytest.mark.slow
-def test_finetune_under_torchrun_writes_a_model_that_loads_and_answers(uninterrupted):
+def test_finetune_under_torchrun_writes_a_model_that_loads_and_answers(uninterrupted, tiny_checkpoint):
     output, log = uninterrupted
     assert "'eval_loss'" in log and f"trained {STEPS} steps" in log
     assert (output / "adapter" / "adapter_model.safetensors").is_file()
+    base, tuned = load_file(tiny_checkpoint / "model.safetensors"), load_file(output / "model.safetensors")
+    assert base.keys() == tuned.keys()  # the released names: adapters merged, no peft tensors
+    changed = {name for name in base if not torch.equal(base[name], tuned[name])}
+    assert "language_model.model.layers.0.self_attn.q_proj.weight" in changed and "mlp1.1.weight" in changed
+    assert not [name for name in changed if name.startswith("vision_model.")]  # --freeze vision
     model = AutoModel.from_pretrained(output, trust_remote_code=True, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(output)
     answer = model.chat(tokenizer, None, "Say hello.", {"max_new_tokens": 4, "do_sample": False})
