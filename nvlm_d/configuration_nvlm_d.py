@@ -74,6 +74,8 @@ class InternVisionConfig(PreTrainedConfig):
 
     model_type = "intern_vit_6b"
     base_config_key = "vision_config"
+    # FSDP2 shard units for transformers' native sharding (`from_pretrained(distributed_config=...)`): each layer.
+    base_model_fsdp_plan = {"encoder.layers.*": "free_full_weight"}
 
     num_channels: int = 3
     patch_size: int = 14
@@ -126,6 +128,8 @@ class NVLM_D_Config(PreTrainedConfig):
     """
 
     model_type = "NVLM_D"
+    # The projector is a shard unit of its own; the towers' layers come from their own configs' plans.
+    base_model_fsdp_plan = {"mlp1": "free_full_weight"}
     if SubConfigSpec is not None:
         sub_configs_defaults = {
             "vision_config": SubConfigSpec(config_class=InternVisionConfig),

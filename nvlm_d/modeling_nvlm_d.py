@@ -34,6 +34,19 @@ logger = logging.get_logger(__name__)
 # so they saw the generated tokens only; `chat` keeps that (see `_on_generated_tokens_only`).
 _HISTORY_SETTINGS = ("repetition_penalty", "no_repeat_ngram_size")
 
+# The layers InternVL's LoRA helpers adapt (peft `target_modules`, matched as name suffixes): every linear layer of
+# the decoder's blocks, and of the ViT's blocks.
+LLM_LORA_TARGETS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+VISION_LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
 
 def _apply_use_flash_attn(config: NVLM_D_Config, use_flash_attn: bool | None) -> None:
     """Honour the model card's `use_flash_attn=` keyword unless an `attn_implementation` was asked for."""
@@ -109,6 +122,43 @@ def _on_generated_tokens_only(config: GenerationConfig, prompt_length: int) -> L
     config.repetition_penalty = None
     config.no_repeat_ngram_size = None
     return processors
+
+
+def _wrap_with_lora(
+    module: nn.Module, r: int, lora_alpha: int, lora_dropout: float, targets: Sequence[str], task_type: str | None
+) -> nn.Module:
+    """`module` inside a peft `PeftModel` with LoRA adapters of rank `r` on `targets` (peft is needed only here)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("LoRA needs peft: pip install peft (or pip install 'nvlm-d[train]')") from None
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
+    config = LoraConfig(
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=list(targets), task_type=task_type
+    )
+    # peft's new dropout layers start in training mode; keep the mode the module was in (eval after loading)
+    return get_peft_model(module, config).train(module.training)
+
+
+def _restarts_positions(position_ids: torch.Tensor | None) -> bool:
+    """Whether `position_ids` [batch, tokens] hold packed examples: positions that do not count up by one."""
+    if position_ids is None or position_ids.ndim != 2 or position_ids.shape[1] < 2:
+        return False
+    return bool((position_ids.diff(dim=-1) != 1).any())
+
+
+def _weighted_loss(logits: torch.Tensor, labels: torch.Tensor, loss_weight: Any) -> torch.Tensor:
+    """InternVL's weighted loss: sum(w * cross-entropy) / sum(w) over the shifted positions (-100 labels add 0 to the
+    numerator; their weights still count in the denominator, as in InternVL)."""
+    weights = torch.as_tensor(loss_weight, dtype=torch.float32, device=logits.device)
+    if weights.shape != labels.shape:
+        raise ValueError(f"loss_weight must have the shape of labels {list(labels.shape)}, got {list(weights.shape)}")
+    shift_logits = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    shift_weights = weights[:, 1:].reshape(-1)
+    losses = nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="none")
+    return (losses * shift_weights).sum() / shift_weights.sum()
 
 
 def _chat_generation_config(settings: dict | GenerationConfig | None, tokenizer: Any) -> tuple[GenerationConfig, dict]:
@@ -194,6 +244,12 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         )
         self.language_model = language_model if language_model is not None else Qwen2ForCausalLM(config.llm_config)
         self.post_init()
+        # An unmerged InternVL-style LoRA checkpoint: build the adapters its weights belong to (alpha = 2r, as
+        # InternVL does), so that `from_pretrained` loads them instead of leaving them randomly initialised.
+        if config.use_backbone_lora:
+            self.wrap_backbone_lora(r=config.use_backbone_lora, lora_alpha=2 * config.use_backbone_lora)
+        if config.use_llm_lora:
+            self.wrap_llm_lora(r=config.use_llm_lora, lora_alpha=2 * config.use_llm_lora)
         if self.generation_config.pad_token_id is None:
             # Qwen2's tokenizer pads with <|endoftext|>, the id the decoder config calls bos_token_id; knowing it,
             # `generate` infers the attention mask of left-padded input_ids passed without one.
@@ -230,6 +286,31 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         """Where inputs go: the device the token embeddings execute on. (transformers reports the first parameter's
         device, which is `meta` when the vision tower is offloaded, and `inputs.to(model.device)` would fail.)"""
         return execution_device(self.get_input_embeddings())
+
+    # ----------------------------------------------------------------------------------------------------------
+    # InternVL's LoRA helpers
+    # ----------------------------------------------------------------------------------------------------------
+    def wrap_backbone_lora(self, r: int = 128, lora_alpha: int = 256, lora_dropout: float = 0.05) -> None:
+        """InternVL's helper: LoRA adapters (peft) on the ViT's `attn.qkv`, `attn.proj`, `mlp.fc1` and `mlp.fc2`;
+        everything else in the tower is frozen. Sets `config.use_backbone_lora = r`, so that a checkpoint saved
+        without merging (`save_pretrained`) reloads with its adapters; that reload assumes `lora_alpha = 2 * r`,
+        InternVL's convention. Merge with `nvlm_d.training.merge_lora` for a plain checkpoint."""
+        self.vision_model = _wrap_with_lora(self.vision_model, r, lora_alpha, lora_dropout, VISION_LORA_TARGETS, None)
+        self.config.use_backbone_lora = r
+        if lora_alpha != 2 * r:
+            logger.warning(f"wrap_backbone_lora(lora_alpha={lora_alpha}): an unmerged save reloads with 2r={2 * r}")
+
+    def wrap_llm_lora(self, r: int = 128, lora_alpha: int = 256, lora_dropout: float = 0.05) -> None:
+        """InternVL's helper: LoRA adapters (peft, `CAUSAL_LM`) on every linear layer of the decoder's blocks
+        (`q/k/v/o_proj`, `gate/up/down_proj`); the rest of the decoder is frozen. Sets `config.use_llm_lora = r`
+        (see `wrap_backbone_lora` for what that means for saving)."""
+        self.language_model = _wrap_with_lora(
+            self.language_model, r, lora_alpha, lora_dropout, LLM_LORA_TARGETS, "CAUSAL_LM"
+        )
+        self.language_model.enable_input_require_grads()
+        self.config.use_llm_lora = r
+        if lora_alpha != 2 * r:
+            logger.warning(f"wrap_llm_lora(lora_alpha={lora_alpha}): an unmerged save reloads with 2r={2 * r}")
 
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()
@@ -285,9 +366,10 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
     def project_visual_features(self, visual_features: Any) -> torch.Tensor:
         """`mlp1` on visual features [tiles, 256, 12800] -> decoder-ready image features [tiles, 256, hidden]."""
         visual_features = self._check_visual_features(visual_features)
-        # The LayerNorm's dtype: a quantized projector stores its Linear weights as int8/uint8.
-        norm = self.mlp1[0]
-        return self.mlp1(visual_features.to(device=execution_device(self.mlp1), dtype=norm.weight.dtype))
+        # The LayerNorm's dtype (its weight comes first): a quantized projector stores its Linear weights as int8/uint8.
+        # Not `self.mlp1[0]`: peft may wrap the projector (`modules_to_save`) in a module that cannot be indexed.
+        norm_dtype = next(self.mlp1.parameters()).dtype
+        return self.mlp1(visual_features.to(device=execution_device(self.mlp1), dtype=norm_dtype))
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         """transformers' multimodal interface: `last_hidden_state` is the ViT hidden state the features are read from
@@ -322,7 +404,7 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         return pixel_values
 
     def _check_visual_features(self, visual_features: Any) -> torch.Tensor:
-        width = self.mlp1[0].normalized_shape[0]
+        width = self.config.vision_config.hidden_size * round(1 / self.config.downsample_ratio) ** 2
         expected = f"[num_tiles, {self.num_image_token}, {width}]"
         if not isinstance(visual_features, torch.Tensor):
             raise TypeError(
@@ -401,14 +483,45 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         visual_features: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        statistics: Any = None,
+        loss_weight: Any = None,
+        loss_reduction_all_gather: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits (and, with `labels`, the shifted next-token loss, -100 ignored) of the decoder over `input_ids`,
         whose `<|vision_pad|>` embeddings are replaced by the features of `pixel_values` (or `visual_features`),
         one tile's 256 features per 256 pad tokens, in order. Works without images (text only) and without
-        torch.distributed. The argument order is the reference's (InternVL training code passes keywords)."""
+        torch.distributed. The argument order is the reference's (InternVL training code passes keywords).
+
+        Training: `image_flags` (1 per real tile, 0 per padding tile) drops the tiles a collator added so that the
+        vision tower runs in every step. In training mode, or with `labels`, `use_cache` defaults to False: a KV
+        cache would stop transformers from recognising packed rows (several examples in one row, `position_ids`
+        restarting at 0 and no `attention_mask`), whose examples must not attend to each other. `loss_weight`
+        (InternVL's per-token weights, shaped like `labels`) makes the loss the weighted mean of the per-token
+        losses, sum(w * loss) / sum(w), over the shifted positions. InternVL's `statistics` (packed-batch logging)
+        and `loss_reduction_all_gather` (a collective inside forward) are refused with an error rather than
+        ignored.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if statistics is not None:
+            raise ValueError(
+                "statistics is InternVL's logging of packed batches; NVLM-D does not use it: leave it out of the batch"
+            )
+        if loss_reduction_all_gather:
+            raise ValueError(
+                "loss_reduction_all_gather would need a collective inside forward, which NVLM-D does not do: average "
+                "the loss weights across ranks in the data pipeline instead"
+            )
+        if loss_weight is not None and labels is None:
+            raise ValueError("loss_weight weighs the loss of labels: pass labels too")
+        if use_cache is None and (self.training or labels is not None):
+            use_cache = False
+        if use_cache and attention_mask is None and _restarts_positions(position_ids):
+            raise ValueError(
+                "position_ids restart inside a row (packed examples) and use_cache=True: a KV cache stops transformers "
+                "from isolating the examples' attention; pass use_cache=False"
+            )
         if inputs_embeds is None:
             inputs_embeds = self._embed(input_ids)
         if (pixel_values is not None or visual_features is not None) and not self._images_are_cached(input_ids, cache):
@@ -421,7 +534,7 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
-            labels=labels,
+            labels=labels if loss_weight is None else None,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
@@ -429,6 +542,8 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
             return_dict=True,
             **kwargs,
         )
+        if loss_weight is not None:
+            outputs.loss = _weighted_loss(outputs.logits, labels, loss_weight)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return outputs if return_dict else outputs.to_tuple()
 

@@ -3,6 +3,7 @@ checkpoint that goes through the real save/load path."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -54,3 +55,57 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Conversation records for the fine-tuning tests, in the JSONL format InternVL and LLaVA users have. Images are
+# 64 px squares: one tile each, so that an example stays near 300 tokens (logits over the 152,064-token vocabulary
+# dominate the tests' memory and time).
+CONVERSATIONS = [
+    {
+        "image": "red.png",
+        "conversations": [{"from": "human", "value": "What colour is it?"}, {"from": "gpt", "value": "Red."}],
+    },
+    {
+        "conversations": [
+            {"from": "human", "value": "Say hello."},
+            {"from": "gpt", "value": "Hello!"},
+            {"from": "human", "value": "And goodbye?"},
+            {"from": "gpt", "value": "Goodbye, see you."},
+        ]
+    },
+    {
+        "image": ["red.png", "blue.png"],
+        "conversations": [
+            {"from": "human", "value": "First: <image>\nSecond: <image>\nSame colour?"},
+            {"from": "gpt", "value": "No: red and blue."},
+        ],
+    },
+    {
+        "image": "blue.png",
+        "conversations": [
+            {"from": "system", "value": "You name colours."},
+            {"from": "human", "value": "<image>\nColour?"},
+            {"from": "gpt", "value": "Blue."},
+            {"from": "human", "value": "Sure?"},
+            {"from": "gpt", "value": "Yes."},
+        ],
+    },
+]
+
+
+def write_conversations(directory: Path, records: list[dict] = CONVERSATIONS) -> Path:
+    """`records` as `directory`/train.jsonl, with the red and blue images they name beside it."""
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 64), (220, 30, 30)).save(directory / "red.png")
+    Image.new("RGB", (64, 64), (30, 30, 220)).save(directory / "blue.png")
+    path = directory / "train.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def conversations_file(tmp_path_factory) -> Path:
+    """A JSONL file of `CONVERSATIONS`: one image, text only over two turns, two images, a system turn."""
+    return write_conversations(tmp_path_factory.mktemp("conversations"))

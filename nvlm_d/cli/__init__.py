@@ -6,8 +6,11 @@
     nvlm-d batch --model PATH --input R.jsonl --output A.jsonl
                                                   resumable, crash-safe batch inference
     nvlm-d plan [--gpus N] [--gpu-memory 80GiB]   how NVLM-D-72B fits on GPUs, without weights
+    nvlm-d serve --model PATH --gpus N            serve it with vLLM (OpenAI-compatible), one machine or several
+    nvlm-d finetune --model PATH --data D.jsonl --output DIR
+                                                  fine-tune (LoRA, QLoRA, full) on one GPU or many
 
-One module a command (demo.py, chat.py, tiles.py, batch.py, plan.py), with what they share in common.py. Adding
+One module a command (demo, chat, tiles, batch, plan, serve, finetune), with what they share in common.py. Adding
 a command: a module whose `add_parser(commands)` adds a subparser whose defaults set `handler`, listed in
 `COMMANDS`. Handlers take the parsed arguments and return an exit code; they raise `CLIError` for bad input,
 which `main` prints as one line (`nvlm-d: error: ...`) without a traceback.
@@ -26,7 +29,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .. import __version__
-from . import batch, chat, demo, plan, serve, tiles
+from . import batch, chat, demo, finetune, plan, serve, tiles
 from .common import PROG, CLIError, Parser, one_line, say
 
 # The subcommands, in the order `--help` lists them. A new command is one module more.
@@ -37,6 +40,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     batch.add_parser,
     plan.add_parser,
     serve.add_parser,
+    finetune.add_parser,
 ]
 
 

@@ -1,0 +1,28 @@
+"""Fine-tuning NVLM-D: training examples from JSONL conversations, batches (padding, packing, dummy tiles),
+LoRA/QLoRA with peft, and transformers' Trainer with checkpoints that survive kill -9.
+
+`nvlm-d finetune` puts these together; docs/finetuning.md describes the data format, the commands for one GPU to
+several machines, and the memory each recipe needs. peft (LoRA) and DeepSpeed are optional: `pip install
+'nvlm-d[train]'` or `'nvlm-d[deepspeed]'`.
+"""
+
+from .collator import DataCollator, PackedDataset, pack_lengths
+from .data import IGNORE_INDEX, ConversationDataset, RecordError
+from .lora import apply_lora, freeze, merge_lora, save_merged
+from .trainer import CheckpointCompleteCallback, build_trainer, latest_complete_checkpoint
+
+__all__ = [
+    "IGNORE_INDEX",
+    "CheckpointCompleteCallback",
+    "ConversationDataset",
+    "DataCollator",
+    "PackedDataset",
+    "RecordError",
+    "apply_lora",
+    "build_trainer",
+    "freeze",
+    "latest_complete_checkpoint",
+    "merge_lora",
+    "pack_lengths",
+    "save_merged",
+]
