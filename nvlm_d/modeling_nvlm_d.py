@@ -30,10 +30,6 @@ from .modeling_intern_vit import InternVisionModel
 
 logger = logging.get_logger(__name__)
 
-# Generation settings that look back over the token history. The reference generated from the prompt's embeddings,
-# so they saw the generated tokens only; `chat` keeps that (see `_on_generated_tokens_only`).
-_HISTORY_SETTINGS = ("repetition_penalty", "no_repeat_ngram_size")
-
 # The layers InternVL's LoRA helpers adapt (peft `target_modules`, matched as name suffixes): every linear layer of
 # the decoder's blocks, and of the ViT's blocks.
 LLM_LORA_TARGETS = (
