@@ -1,7 +1,7 @@
 """Multi-turn chat that prefills only what is new: a follow-up question reuses the KV cache of the turns before it.
 
 `chat(history=...)` rebuilds the whole prompt every turn and runs the vision tower and the full prefill again. A
-`ChatSession` builds the same prompt (`conversation.build_prompt` with the same history), tokenizes it, and keeps
+`ChatSession` builds the same prompt (`model.chat_prompt` with the same history), tokenizes it, and keeps
 the cache of every token it has already run: only the tokens after the longest prefix shared with the cache are
 prefilled. The prompt is the one `chat` would build, byte for byte, so greedy answers are `chat`'s; the answers'
 tokens as generated and as re-tokenized from the stored text may differ, which only moves the point where the
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import DynamicCache, GenerationConfig
 
-from .conversation import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, build_prompt
+from .conversation import IMAGE_PLACEHOLDER
 
 if TYPE_CHECKING:
     from .modeling_nvlm_d import NVLM_D_Model
@@ -89,15 +89,7 @@ class ChatSession:
         new_counts = self.model._check_num_patches(num_patches_list, self.model._num_tiles(pixel_values, None))
         if new_counts and not self.history and IMAGE_PLACEHOLDER not in question:
             question = IMAGE_PLACEHOLDER + "\n" + question  # as chat does on a first turn
-        prompt = build_prompt(
-            question,
-            [*self._num_patches, *new_counts],
-            self.history or None,
-            template=self.model.template,
-            system_message=self.model.system_message,
-            num_image_token=self.model.num_image_token,
-            context_token=IMG_CONTEXT_TOKEN,
-        )
+        prompt = self.model.chat_prompt(question, [*self._num_patches, *new_counts], self.history or None)
         input_ids = self.tokenizer(prompt, return_tensors="pt").input_ids
         budget = input_ids.shape[1] + (self.config.max_new_tokens or 0)
         if budget > self.max_tokens:

@@ -641,6 +641,27 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
             raise ValueError(f"num_patches_list sums to {sum(counts)} tiles but pixel_values holds {num_tiles} tiles")
         return counts
 
+    def chat_prompt(
+        self,
+        question: str,
+        num_patches_list: Sequence[int] = (),
+        history: Sequence[tuple[str, str]] | None = None,
+        mode: str = "chat",
+        context_token: str = IMG_CONTEXT_TOKEN,
+    ) -> str:
+        """The exact prompt text `chat` sends for this question: `conversation.build_prompt` with this model's
+        template, system message (`self.system_message`) and image tokens per tile."""
+        return build_prompt(
+            question,
+            num_patches_list,
+            history,
+            template=self.template,
+            system_message=self.system_message,
+            num_image_token=self.num_image_token,
+            context_token=context_token,
+            mode=mode,
+        )
+
     def _chat_image_token(self, tokenizer: Any, image_context_token: str) -> None:
         token_id = tokenizer.convert_tokens_to_ids(image_context_token)
         if token_id != self.img_context_token_id:
@@ -756,16 +777,7 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         if added_placeholder:
             question = IMAGE_PLACEHOLDER + "\n" + question
         try:
-            prompt = build_prompt(
-                question,
-                num_patches_list,
-                history,
-                template=self.template,
-                system_message=self.system_message,
-                num_image_token=self.num_image_token,
-                context_token=IMG_CONTEXT_TOKEN,
-                mode=prompt_mode,
-            )
+            prompt = self.chat_prompt(question, num_patches_list, history, prompt_mode, IMG_CONTEXT_TOKEN)
         except ValueError as error:
             if "placeholder" not in str(error):
                 raise
@@ -864,16 +876,7 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         for question, tiles in zip(questions, per_question, strict=True):
             if not isinstance(question, str):
                 raise TypeError(f"each question must be a string, got {type(question).__name__}")
-            prompts.append(
-                build_prompt(
-                    question,
-                    tiles,
-                    template=self.template,
-                    system_message=self.system_message,
-                    num_image_token=self.num_image_token,
-                    context_token=IMG_CONTEXT_TOKEN,
-                )
-            )
+            prompts.append(self.chat_prompt(question, tiles, context_token=IMG_CONTEXT_TOKEN))
         if verbose:
             for prompt in prompts:
                 logger.warning(f"NVLM-D prompt (image tokens hidden):\n{prompt.replace(IMG_CONTEXT_TOKEN, '')}")

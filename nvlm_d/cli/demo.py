@@ -249,18 +249,9 @@ def ensure_sample_image() -> Path:
 
 
 def _prompt_tokens(model: Any, tokenizer: Any, question: str, num_patches_list: list[int] | None) -> tuple[int, int]:
-    """(prompt tokens, image tokens) of the prompt `chat` builds for this question (conversation.build_prompt)."""
-    from ..conversation import build_prompt
-
+    """(prompt tokens, image tokens) of the prompt `chat` builds for this question (`model.chat_prompt`)."""
     tokens_per_tile = TileSpec.of(model.config).tokens
-    prompt = build_prompt(
-        question,
-        num_patches_list or [],
-        None,
-        template=model.config.template,
-        system_message=model.system_message,
-        num_image_token=tokens_per_tile,
-    )
+    prompt = model.chat_prompt(question, num_patches_list or [])
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
     return len(ids), sum(num_patches_list or []) * tokens_per_tile
 

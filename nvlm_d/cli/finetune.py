@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .common import CLIError, one_line, positive_int, resolve_model_path, say
+from .common import CLIError, one_line, positive_int, resolve_model, say
 
 PARTS = ("vision", "mlp1", "llm")
 
@@ -285,7 +285,13 @@ def merge_adapter(model_path: str, adapter_dir: Path, output_dir: Path, dtype: A
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    model_path = resolve_model_path(args.model)
+    source = resolve_model(args.model)
+    if source.local_files_only:  # a cached Hub model and no Hub: every load in this run reads the cache only
+        from huggingface_hub import constants
+
+        os.environ["HF_HUB_OFFLINE"] = "1"  # for processes started from here
+        constants.HF_HUB_OFFLINE = True  # read once, at import, by huggingface_hub and transformers
+    model_path = source.path
     import torch
     from transformers import AutoTokenizer, set_seed
     from transformers.utils import logging as hf_logging
