@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel, Qwen2ForCausalLM
+from transformers import DynamicCache, GenerationConfig, GenerationMixin, PreTrainedModel, Qwen2ForCausalLM
 from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import is_flash_attn_2_available, logging
@@ -681,10 +681,12 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
     ) -> list[list[str]]:
         """Tokenize prompts (left-padded when several), generate until `<|im_end|>`, decode and strip; returns the
         answers of each prompt (one, or `num_return_sequences`)."""
-        input_ids, attention_mask = _left_pad(
-            [tokenizer(p, return_tensors="pt").input_ids[0] for p in prompts], tokenizer.pad_token_id
-        )
+        rows = [tokenizer(p, return_tensors="pt").input_ids[0] for p in prompts]
+        input_ids, attention_mask = _left_pad(rows, tokenizer.pad_token_id)
         config, extra = _chat_generation_config(generation_config, tokenizer)
+        if _prefill_rows_apart(rows, config, extra):
+            extra["cache"] = self._prefill_each_row(rows, pixel_values, visual_features)
+            pixel_values = visual_features = None
         history_processors = _on_generated_tokens_only(config, input_ids.shape[1])
         extra["logits_processor"] = LogitsProcessorList([*extra.get("logits_processor", []), *history_processors])
         extra.setdefault("tokenizer", tokenizer)
@@ -703,6 +705,30 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         ]
         per_prompt = len(texts) // len(prompts)
         return [texts[k * per_prompt : (k + 1) * per_prompt] for k in range(len(prompts))]
+
+    @torch.no_grad()
+    def _prefill_each_row(
+        self, rows: list[torch.Tensor], pixel_values: torch.Tensor | None, visual_features: torch.Tensor | None
+    ) -> DynamicCache:
+        """The KV cache of every prompt but its last token, each prompt run alone, stacked left-padded into the cache
+        of one batch; `generate` then runs the last tokens together and decodes the batch.
+
+        A left-padded prefill attends through an explicit mask, over every row padded to the longest: in a batch of
+        1- to 13-tile prompts it cost 3x the rows' prefills run one by one (SDPA on CPU; see
+        docs/benchmarks.md). Run apart, each row's prefill is the causal one `chat` runs. The vision tower still
+        sees all the batch's tiles at once."""
+        if pixel_values is not None:
+            visual_features = self.get_visual_features(pixel_values)
+        tiles = [int((row == self.img_context_token_id).sum()) // self.num_image_token for row in rows]
+        features = visual_features.split(tiles) if visual_features is not None else [None] * len(rows)
+        device = execution_device(self.get_input_embeddings())
+        caches = []
+        for row, row_features in zip(rows, features, strict=True):
+            cache = DynamicCache()
+            row_features = row_features if row_features is not None and len(row_features) else None
+            self(input_ids=row[None, :-1].to(device), visual_features=row_features, cache=cache, logits_to_keep=1)
+            caches.append(cache)
+        return _stack_left_padded(caches, max(len(row) for row in rows) - 1)
 
     def _explain_placeholder_mismatch(
         self, error: ValueError, question: str, added_placeholder: bool, history: Any, num_images: int
@@ -906,6 +932,37 @@ def _images_per_question(
     if total != num_tiles:
         raise ValueError(f"num_patches_list sums to {total} tiles but pixel_values holds {num_tiles} tiles")
     return per_question
+
+
+def _prefill_rows_apart(rows: list[torch.Tensor], config: GenerationConfig, extra: dict) -> bool:
+    """Whether a batch's prompts are prefilled one by one (`_prefill_each_row`): when they differ in length, and
+    generation keeps one row per prompt in a dynamic cache (beams, several sequences per prompt, a static cache,
+    assisted decoding or a cache of the caller's prefill the padded batch)."""
+    return (
+        len({len(row) for row in rows}) > 1
+        and (config.num_beams or 1) == 1
+        and (config.num_return_sequences or 1) == 1
+        and config.cache_implementation is None
+        and extra.get("assistant_model") is None
+        and "cache" not in extra
+        and "past_key_values" not in extra
+    )
+
+
+def _stack_left_padded(caches: list[DynamicCache], length: int) -> DynamicCache:
+    """One batch's cache from single-row caches: each row's keys and values padded on the left to `length`
+    positions (the padding is masked out by the batch's attention mask)."""
+    stacked = DynamicCache()
+    for index in range(len(caches[0].layers)):
+        keys, values = [], []
+        for cache in caches:
+            layer = cache.layers[index]
+            missing = length - layer.keys.shape[-2]
+            keys.append(nn.functional.pad(layer.keys, (0, 0, missing, 0)))
+            values.append(nn.functional.pad(layer.values, (0, 0, missing, 0)))
+            layer.keys = layer.values = None  # the row's copy goes as soon as it is stacked
+        stacked.update(torch.cat(keys), torch.cat(values), index)
+    return stacked
 
 
 def _left_pad(sequences: list[torch.Tensor], pad_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:

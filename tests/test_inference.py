@@ -163,6 +163,51 @@ def test_batch_chat_answers_equal_separate_chat_answers(tiny_model, tokenizer):
     assert batched == separate
 
 
+def decoder_input_shapes(model) -> tuple[list[tuple[int, int]], object]:
+    """(batch, tokens) of every decoder call, and the hook's handle."""
+    shapes: list[tuple[int, int]] = []
+
+    def record(module, args, kwargs):
+        shapes.append(tuple(kwargs["inputs_embeds"].shape[:2]))
+
+    return shapes, model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+
+
+def test_batch_chat_prefills_prompts_of_different_lengths_one_by_one_then_decodes_them_together(tiny_model, tokenizer):
+    """A left-padded prefill attends through a mask over every row padded to the longest (3x the rows' own prefills
+    for 1- to 13-tile prompts on CPU): each prompt but its last token is prefilled alone, as `chat` does, and the
+    rows' last tokens and the decoding run as one batch."""
+    questions = ["<image>\nWhat is it?", "Hi?", "Tell me a story about the sea, please."]
+    image = tiles(2, seed=8)
+    lengths = [prompt_ids(tokenizer, questions[0], [2]).shape[1]]
+    lengths += [prompt_ids(tokenizer, question).shape[1] for question in questions[1:]]
+    shapes, hook = decoder_input_shapes(tiny_model)
+    try:
+        batched = tiny_model.batch_chat(tokenizer, image, questions, GREEDY, num_patches_list=[2, 0, 0])
+    finally:
+        hook.remove()
+    assert shapes[:3] == [(1, length - 1) for length in lengths]
+    assert shapes[3:] and all(shape == (3, 1) for shape in shapes[3:])
+    assert batched == [
+        tiny_model.chat(tokenizer, image, questions[0], GREEDY),
+        tiny_model.chat(tokenizer, None, questions[1], GREEDY),
+        tiny_model.chat(tokenizer, None, questions[2], GREEDY),
+    ]
+
+
+def test_batch_chat_prefills_prompts_of_equal_length_and_beam_searches_as_one_padded_batch(tiny_model, tokenizer):
+    shapes, hook = decoder_input_shapes(tiny_model)
+    try:
+        tiny_model.batch_chat(tokenizer, None, ["Hi?", "Yo?"], GREEDY)
+        equal_lengths = list(shapes)
+        shapes.clear()
+        tiny_model.batch_chat(tokenizer, None, ["Hi?", "Tell me a story."], {**GREEDY, "num_beams": 2})
+    finally:
+        hook.remove()
+    assert equal_lengths[0][0] == 2 and equal_lengths[0][1] > 1
+    assert shapes[0][0] == 4 and shapes[0][1] > 1  # 2 prompts x 2 beams, prefilled together
+
+
 def test_batch_chat_accepts_several_images_for_one_question(tiny_model, tokenizer):
     first, second = tiles(2, seed=6), tiles(1, seed=7)
     question = "Image-1: <image>\nImage-2: <image>\nCompare them."

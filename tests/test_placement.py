@@ -73,3 +73,17 @@ def test_visual_features_work_with_a_quantized_projector(tiny_checkpoint, tokeni
         features = model.get_visual_features(tiles(1, seed=2))
     from_features = model.chat(tokenizer, None, "Describe.", GREEDY, visual_features=features)
     assert from_features == model.chat(tokenizer, tiles(1, seed=2), "Describe.", GREEDY)
+
+
+def test_batch_chat_with_offloaded_decoder_layers_and_vision_tower_answers_as_the_plain_model(
+    tiny_checkpoint, tiny_model, tokenizer, tmp_path
+):
+    """Prompts of different lengths are prefilled one by one into caches stacked for the batch: the stacked keys and
+    values stay on the devices of the layers they belong to."""
+    device_map = {**device_map_with("vision_model", "disk"), "language_model.model.layers": "disk"}
+    placed = AutoModel.from_pretrained(
+        tiny_checkpoint, trust_remote_code=True, dtype=torch.float32, device_map=device_map, offload_folder=tmp_path
+    ).eval()
+    questions = ["<image>\nWhat is it?", "Hi?"]
+    expected = tiny_model.batch_chat(tokenizer, tiles(2, seed=3), questions, GREEDY, num_patches_list=[2, 0])
+    assert placed.batch_chat(tokenizer, tiles(2, seed=3), questions, GREEDY, num_patches_list=[2, 0]) == expected
