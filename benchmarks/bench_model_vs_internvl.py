@@ -63,33 +63,47 @@ def generate(model, input_ids, pixel_values, new_tokens):
     return output[:, -new_tokens:]  # NVLM-D returns new tokens only, InternVL the prompt too
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def paired_median_ms(ours, theirs, repeats: int) -> tuple[float, float]:
+    """Median milliseconds of `ours()` and `theirs()`, called alternately: a machine whose speed drifts during the
+    run (a shared CPU) slows both alike instead of whichever ran second."""
+    ours(), theirs()  # warm-up
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        for fn, spent in ((ours, times[0]), (theirs, times[1])):
+            start = time.perf_counter()
+            fn()
+            spent.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
-@torch.no_grad()
-def timings(model, is_ours: bool, input_ids, pixel_values, repeats: int) -> dict[str, float]:
+def workloads(model, is_ours: bool, input_ids, pixel_values) -> dict:
     if is_ours:
         vision = lambda: model.extract_feature(pixel_values)  # noqa: E731
     else:
         vision = lambda: model.model.get_image_features(  # noqa: E731
             pixel_values=pixel_values, vision_feature_layer=-1, vision_feature_select_strategy="default"
         )
-    prefill = lambda: model(input_ids=input_ids, pixel_values=pixel_values, logits_to_keep=1)  # noqa: E731
-    one = median_ms(lambda: generate(model, input_ids, pixel_values, 1), repeats)
-    full = median_ms(lambda: generate(model, input_ids, pixel_values, NEW_TOKENS + 1), repeats)
     return {
-        "vision (ms)": median_ms(vision, repeats),
-        "prefill (ms)": median_ms(prefill, repeats),
-        "decode (ms/token)": (full - one) / NEW_TOKENS,
-        "generate (ms)": median_ms(lambda: generate(model, input_ids, pixel_values, NEW_TOKENS), repeats),
+        "vision": vision,
+        "prefill": lambda: model(input_ids=input_ids, pixel_values=pixel_values, logits_to_keep=1),
+        "one token": lambda: generate(model, input_ids, pixel_values, 1),
+        "full": lambda: generate(model, input_ids, pixel_values, NEW_TOKENS + 1),
+        "generate": lambda: generate(model, input_ids, pixel_values, NEW_TOKENS),
     }
+
+
+@torch.no_grad()
+def timings(ours, twin, input_ids, pixel_values, repeats: int) -> list[tuple[str, float, float]]:
+    """(metric, NVLM-D, InternVL) rows, each pair measured alternately."""
+    mine, theirs = workloads(ours, True, input_ids, pixel_values), workloads(twin, False, input_ids, pixel_values)
+    ms = {name: paired_median_ms(mine[name], theirs[name], repeats) for name in mine}
+    decode = [(ms["full"][k] - ms["one token"][k]) / NEW_TOKENS for k in (0, 1)]
+    return [
+        ("vision (ms)", *ms["vision"]),
+        ("prefill (ms)", *ms["prefill"]),
+        ("decode (ms/token)", *decode),
+        ("generate (ms)", *ms["generate"]),
+    ]
 
 
 def _rss_bytes() -> int:
@@ -143,9 +157,7 @@ def main() -> None:
         same_tokens = torch.equal(
             generate(ours, input_ids, pixel_values, NEW_TOKENS), generate(twin, input_ids, pixel_values, NEW_TOKENS)
         )
-    ours_times = timings(ours, True, input_ids, pixel_values, args.repeats)
-    twin_times = timings(twin, False, input_ids, pixel_values, args.repeats)
-    rows = [(metric, ours_times[metric], twin_times[metric]) for metric in ours_times]
+    rows = timings(ours, twin, input_ids, pixel_values, args.repeats)
     rows.append(("peak RSS (MiB)", peak_rss_mib("ours"), peak_rss_mib("internvl")))
 
     print(
