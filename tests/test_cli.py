@@ -23,17 +23,20 @@ import subprocess
 import sys
 import textwrap
 import threading
+import weakref
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoTokenizer, GenerationConfig
 from transformers.utils import logging as hf_logging
 
 from nvlm_d.cli import main
 from nvlm_d.cli.batch import ResultLog
+from nvlm_d.cli.batching import GROUP_BATCHES, LoadedRequest, Prefetcher, plan_batches
 from nvlm_d.cli.common import CLIError
 from nvlm_d.cli.tiles import GRID_COLOR, PNG_GAP, PNG_HEADER, PNG_MARGIN
 from nvlm_d.configuration_nvlm_d import NVLM_D_Config
@@ -349,6 +352,83 @@ def test_interactive_chat_keeps_history_attaches_images_resets_and_quits(
     assert "image 1 added" in stderr and "conversation cleared" in stderr
 
 
+GREEDY8 = {"max_new_tokens": 8, "do_sample": False}
+
+
+def test_interactive_chat_answers_as_chat_with_history_over_four_turns_and_two_images(
+    cli_main, tiny_checkpoint, tiny_model, tokenizer, images, monkeypatch
+):
+    """The session reuses its KV cache turn after turn; its answers are still those of `chat(history=...)` given
+    every image of the conversation each turn."""
+    script = (
+        "What is a picture?\n"
+        f"/image {images / 'scene.png'}\n"
+        "What is it?\n"
+        "And the colours?\n"
+        f"/image {images / 'small.png'}\n"
+        "Compare it with the first one.\n"
+    )
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    code, stderr = cli_main("chat", "--model", tiny_checkpoint, "--max-new-tokens", "8")
+    assert code == 0, stderr
+    scene, small = load_image(images / "scene.png", max_num=6), load_image(images / "small.png", max_num=6)
+    both = torch.cat([scene, small])
+    turns = [
+        (None, "What is a picture?", None),
+        (scene, "<image>\nWhat is it?", None),
+        (scene, "And the colours?", None),
+        (both, "Image-2: <image>\nCompare it with the first one.", [len(scene), len(small)]),
+    ]
+    history, expected = [], []
+    for pixel_values, question, num_patches_list in turns:
+        answer, history = tiny_model.chat(
+            tokenizer, pixel_values, question, GREEDY8, history, return_history=True, num_patches_list=num_patches_list
+        )
+        expected.append(answer)
+    assert cli_main.stdout == "".join(f"{answer}\n" for answer in expected)
+
+
+def test_interactive_chat_runs_the_vision_tower_once_for_an_image(cli_main, tiny_checkpoint, images, monkeypatch):
+    from nvlm_d.cli import chat as chat_command
+
+    tiles_seen: list[int] = []
+    load_model = chat_command.load_model
+
+    def load_and_watch(*args, **kwargs):
+        model, tokenizer = load_model(*args, **kwargs)
+        model.vision_model.register_forward_pre_hook(lambda module, inputs: tiles_seen.append(len(inputs[0])))
+        return model, tokenizer
+
+    monkeypatch.setattr(chat_command, "load_model", load_and_watch)
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is it?\nAnd the colours?\nWhere is the ellipse?\n"))
+    code, stderr = cli_main("chat", "--model", tiny_checkpoint, *FAST, "--image", images / "scene.png")
+    assert code == 0, stderr
+    assert len(cli_main.stdout.splitlines()) == 3
+    assert sum(tiles_seen) == len(load_image(images / "scene.png", max_num=6))  # 7 tiles, in the first turn only
+
+
+def test_interactive_chat_over_the_token_limit_says_so_in_one_line_and_goes_on_after_reset(
+    cli_main, images, tmp_path_factory, monkeypatch
+):
+    """A decoder of 2,400 positions: a 7-tile image fits, a second one does not."""
+    checkpoint = save_tiny_checkpoint(
+        tmp_path_factory.mktemp("tiny_short_context"), seed=0, llm_config={"max_position_embeddings": 2400}
+    )
+    script = f"What is it?\n/image {images / 'scene.png'}\nAnd this one?\n/reset\nHello again?\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    code, stderr = cli_main("chat", "--model", checkpoint, *FAST, "--image", images / "scene.png")
+    assert code == 0, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("nvlm-d: error:")]
+    assert len(errors) == 1 and "max_tokens=2400" in errors[0] and "/reset" in errors[0]
+    assert "Traceback" not in stderr
+    model = AutoModel.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    scene = load_image(images / "scene.png", max_num=6)
+    first = model.chat(tokenizer, scene, "<image>\nWhat is it?", GREEDY4)
+    after_reset = model.chat(tokenizer, None, "Hello again?", GREEDY4)
+    assert cli_main.stdout == f"{first}\n{after_reset}\n"  # the refused turn printed nothing
+
+
 def test_interactive_chat_accepts_the_same_image_twice(cli_main, tiny_checkpoint, images, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("Compare them.\n/quit\n"))
     image = images / "scene.png"
@@ -519,21 +599,13 @@ class Gate:
         pytest.fail(f"the batch {state} before reaching the gate request; stderr:\n{stderr_file.read_text()}")
 
 
-def test_batch_killed_mid_run_resumes_with_every_id_answered_exactly_once(
-    cli_main, cli_env, tiny_checkpoint, images, tmp_path
-):
-    ids = [f"r{k:02d}" for k in range(8)]
-    gate = Gate(tmp_path / "gate.png")
-    records = [{"id": i, "question": f"Question {i}: tell me a story."} for i in ids]
-    records[3]["image"] = str(gate.path)  # the batch stops here, in the middle of its run
-    requests = write_jsonl(tmp_path / "requests.jsonl", records)
-    answers = tmp_path / "answers.jsonl"
-    stderr_file = tmp_path / "batch.stderr"
-    command = cli_command("batch", "--model", tiny_checkpoint, "--input", requests, "--output", answers, *FAST)
+def start_batch(command: list[str], env: dict[str, str], stderr_file: Path) -> subprocess.Popen:
     with open(stderr_file, "wb") as stderr:
-        batch = subprocess.Popen(
-            command, env=cli_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
-        )
+        return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def kill_at_gate(batch: subprocess.Popen, gate: Gate, stderr_file: Path) -> None:
+    """kill -9 the batch as soon as it opens the gate picture."""
     try:
         write_end = gate.wait_for_reader(batch, stderr_file)
         batch.send_signal(signal.SIGKILL)
@@ -544,17 +616,269 @@ def test_batch_killed_mid_run_resumes_with_every_id_answered_exactly_once(
             batch.kill()
             batch.wait()
     assert batch.returncode == -signal.SIGKILL
+
+
+def test_batch_of_one_killed_mid_run_resumes_with_every_id_answered_exactly_once(
+    cli_main, cli_env, tiny_checkpoint, images, tmp_path
+):
+    """One request at a time, nothing loaded ahead: the records before the request being loaded are on disk."""
+    ids = [f"r{k:02d}" for k in range(8)]
+    gate = Gate(tmp_path / "gate.png")
+    records = [{"id": i, "question": f"Question {i}: tell me a story."} for i in ids]
+    records[3]["image"] = str(gate.path)  # the batch stops here, in the middle of its run
+    requests = write_jsonl(tmp_path / "requests.jsonl", records)
+    answers = tmp_path / "answers.jsonl"
+    sequential = ["--batch-size", "1", "--prefetch", "0"]
+    command = cli_command("batch", "--model", tiny_checkpoint, "--input", requests, "--output", answers, *FAST)
+    kill_at_gate(start_batch(command + sequential, cli_env, tmp_path / "batch.stderr"), gate, tmp_path / "batch.stderr")
     before = answers.read_bytes()
     assert [json.loads(line)["id"] for line in before.splitlines()] == ids[:3]
 
     gate.path.unlink()
     shutil.copy(images / "small.png", gate.path)  # the picture arrives; the rerun answers the rest
-    code, stderr = run_batch(cli_main, tiny_checkpoint, requests, answers)
+    code, stderr = run_batch(cli_main, tiny_checkpoint, requests, answers, *sequential)
     assert code == 0, stderr
     assert answers.read_bytes().startswith(before)  # complete records stay as they were
     records = read_records(answers)
     assert sorted(r["id"] for r in records) == ids  # every id, each once
     assert all("answer" in r for r in records)
+
+
+def test_batch_killed_mid_batch_resumes_with_every_id_answered_once_in_input_order(
+    cli_main, cli_env, tiny_checkpoint, tiny_model, tokenizer, images, tmp_path
+):
+    """Batches of 2 in windows of 8, images loaded 2 requests ahead: the gate (request 9, in the second window) is
+    opened by a loader thread while the model answers the first window, and the run is killed there."""
+    ids = [f"r{k:02d}" for k in range(12)]
+    gate = Gate(tmp_path / "gate.png")
+    records = [{"id": i, "question": f"Question {i}: {'tell me a story. ' * (k % 3)}"} for k, i in enumerate(ids)]
+    for k in (1, 4, 6):
+        records[k]["image"] = str(images / "small.png")
+    records[9]["image"] = str(gate.path)
+    requests = write_jsonl(tmp_path / "requests.jsonl", records)
+    answers = tmp_path / "answers.jsonl"
+    batched = ["--batch-size", "2", "--prefetch", "1"]
+    command = cli_command("batch", "--model", tiny_checkpoint, "--input", requests, "--output", answers, *FAST)
+    kill_at_gate(start_batch(command + batched, cli_env, tmp_path / "batch.stderr"), gate, tmp_path / "batch.stderr")
+    before = answers.read_bytes()
+    written = [json.loads(line)["id"] for line in before.splitlines()]  # complete lines only
+    assert written == ids[: len(written)] and len(written) < len(ids)  # a prefix, in input order
+
+    gate.path.unlink()
+    shutil.copy(images / "scene.png", gate.path)
+    code, stderr = run_batch(cli_main, tiny_checkpoint, requests, answers, *batched)
+    assert code == 0, stderr
+    assert answers.read_bytes().startswith(before)
+    records = read_records(answers)
+    assert [r["id"] for r in records] == ids  # every id once, in input order, as an uninterrupted run writes them
+    scene = load_image(images / "scene.png", max_num=6)
+    assert records[9]["answer"] == tiny_model.chat(tokenizer, scene, records_question(requests, 9), GREEDY4)
+
+
+def records_question(requests: Path, index: int) -> str:
+    return json.loads(requests.read_text().splitlines()[index])["question"]
+
+
+def batch_sizes_seen(monkeypatch) -> list[int]:
+    """Spy on the batches `nvlm-d batch` hands to the model (in this process): their sizes, in order."""
+    from nvlm_d.cli import batch as batch_command
+
+    sizes: list[int] = []
+    generate = batch_command._generate
+
+    def spy(model, tokenizer, batch, seed):
+        sizes.append(len(batch))
+        return generate(model, tokenizer, batch, seed)
+
+    monkeypatch.setattr(batch_command, "_generate", spy)
+    return sizes
+
+
+def test_batched_greedy_answers_equal_one_at_a_time_answers_for_a_mixed_request_file(
+    cli_main, tiny_checkpoint, tiny_model, tokenizer, images, tmp_path, monkeypatch
+):
+    """Text-only requests, 1-image requests of 2 and 7 tiles, a 2-image request and other generation settings,
+    answered 4 at a time (left-padded batches) = each asked alone with `chat`, records in input order."""
+    scene, small = str(images / "scene.png"), str(images / "small.png")
+    requests = [
+        {"id": "text-long", "question": "Hello, who are you? Tell me everything about yourself, please."},
+        {"id": "scene", "image": scene, "question": "What is it?"},
+        {"id": "text-short", "question": "Hi?"},
+        {"id": "small", "image": small, "question": "Describe the colours."},
+        {"id": "two", "image": [small, scene], "question": "Compare."},
+        {"id": "short-answer", "question": "Hello?", "max_new_tokens": 2},
+        {"id": "scene-again", "image": scene, "question": "Where is the green ellipse?"},
+        {"id": "text-3", "question": "What is two plus two?"},
+    ]
+    sizes = batch_sizes_seen(monkeypatch)
+    answers = tmp_path / "answers.jsonl"
+    code, stderr = cli_main(
+        "batch", "--model", tiny_checkpoint, "--input", write_jsonl(tmp_path / "requests.jsonl", requests),
+        "--output", answers, "--max-new-tokens", "8", "--batch-size", "4",
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert sorted(sizes) == [1, 3, 4]  # 7 requests with equal settings in batches of 4 and 3; the other alone
+    records = read_records(answers)
+    assert [r["id"] for r in records] == [r["id"] for r in requests]
+    pixels = {scene: load_image(scene, max_num=6), small: load_image(small, max_num=6)}
+    for request, record in zip(requests, records, strict=True):
+        paths = [request["image"]] if isinstance(request.get("image"), str) else request.get("image", [])
+        question = request["question"]
+        if len(paths) > 1:
+            question = "".join(f"Image-{k + 1}: <image>\n" for k in range(len(paths))) + question
+        settings = {"max_new_tokens": request.get("max_new_tokens", 8), "do_sample": False}
+        pixel_values = torch.cat([pixels[p] for p in paths]) if paths else None
+        expected = tiny_model.chat(
+            tokenizer, pixel_values, question, settings, num_patches_list=[len(pixels[p]) for p in paths] or None
+        )
+        assert record["answer"] == expected, request["id"]
+
+
+def test_sampled_answers_are_seeded_per_request_whatever_their_batch(
+    cli_main, tiny_checkpoint, tiny_model, tokenizer, images, tmp_path, monkeypatch
+):
+    """Each sampled answer is what transformers' own sampling gives that request alone, from the seed
+    --seed + crc32(its id as JSON): sharing a batch changes nothing, so a resumed run samples as an uninterrupted
+    one."""
+    warped = {"do_sample": True, "temperature": 0.8, "top_p": 0.9, "top_k": 20}
+    requests = [
+        {"id": "a", "question": "Tell me a story.", **warped},
+        {"id": 2, "question": "What is it?", "image": str(images / "small.png"), **warped},
+        {"id": "c", "question": "Tell me a story.", **warped},
+        {"id": "d", "question": "Hi?", **warped},
+        {"id": "e", "question": "Tell me a story.", "do_sample": True},  # transformers' defaults (top_k 50)
+        {"id": "f", "question": "Hi?", "do_sample": True},
+    ]
+    sizes = batch_sizes_seen(monkeypatch)
+    answers = tmp_path / "answers.jsonl"
+    code, stderr = cli_main(
+        "batch", "--model", tiny_checkpoint, "--input", write_jsonl(tmp_path / "requests.jsonl", requests),
+        "--output", answers, "--max-new-tokens", "8", "--batch-size", "4", "--seed", "5",
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert sorted(sizes) == [2, 4]
+    small = load_image(images / "small.png", max_num=6)
+    for request, record in zip(requests, read_records(answers), strict=True):
+        settings = {key: request[key] for key in warped if key in request}
+        torch.manual_seed(5 + zlib.crc32(json.dumps(request["id"]).encode()))
+        pixel_values = small if "image" in request else None
+        expected = tiny_model.chat(tokenizer, pixel_values, request["question"], {"max_new_tokens": 8, **settings})
+        assert record["answer"] == expected, request["id"]
+    same_question = [r["answer"] for r in read_records(answers) if r["id"] in ("a", "c")]
+    assert same_question[0] != same_question[1]  # different ids, different seeds
+
+
+def test_batch_keeps_at_most_a_window_and_the_prefetched_batches_of_images_in_memory(
+    cli_main, tiny_checkpoint, images, tmp_path, monkeypatch
+):
+    """--batch-size 2 --prefetch 1: a window of 4 batches being answered plus 1 batch loaded ahead, so at most
+    (4 + 1) x 2 = 10 requests' pixel values are alive at any time, whatever the length of the input."""
+    from nvlm_d.cli import batch as batch_command
+
+    lock = threading.Lock()
+    alive, peak, loaded_total = [0], [0], [0]
+    load = batch_command._load_request
+
+    def release() -> None:
+        with lock:
+            alive[0] -= 1
+
+    def counting_load(*args, **kwargs):
+        loaded = load(*args, **kwargs)
+        with lock:
+            alive[0] += 1
+            loaded_total[0] += 1
+            peak[0] = max(peak[0], alive[0])
+        weakref.finalize(loaded.pixel_values, release)
+        return loaded
+
+    monkeypatch.setattr(batch_command, "_load_request", counting_load)
+    requests = [{"id": k, "image": str(images / "small.png"), "question": f"Picture {k}?"} for k in range(30)]
+    answers = tmp_path / "answers.jsonl"
+    code, stderr = cli_main(
+        "batch", "--model", tiny_checkpoint, "--input", write_jsonl(tmp_path / "requests.jsonl", requests),
+        "--output", answers, *FAST, "--max-num", "1", "--batch-size", "2", "--prefetch", "1",
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert loaded_total[0] == 30 and len(read_records(answers)) == 30
+    assert peak[0] <= (GROUP_BATCHES + 1) * 2
+
+
+def loaded_request(position: int, image_tokens: int, question: str = "Q?", **generation) -> LoadedRequest:
+    return LoadedRequest(
+        position, None, question, image_tokens=image_tokens, generation={"max_new_tokens": 4, **generation}
+    )
+
+
+def test_a_window_is_sorted_by_prompt_length_and_settings_never_share_a_batch():
+    window = [
+        loaded_request(0, 3328),
+        loaded_request(1, 0, "A long text-only question, but far shorter than any image."),
+        loaded_request(2, 256),
+        loaded_request(3, 0, "Hi?"),
+        loaded_request(4, 1792, max_new_tokens=2),
+        loaded_request(5, 1792),
+        loaded_request(6, 0, "Why?", max_new_tokens=2),
+    ]
+    batches = plan_batches(window, batch_size=2, model_generation_config=GenerationConfig())
+    assert [[loaded.position for loaded in batch] for batch in batches] == [[0], [3, 1], [2, 5], [6, 4]]
+
+
+def test_a_sampled_request_with_a_repetition_penalty_is_answered_alone():
+    """`chat` applies a repetition penalty after every other logits processor, so the per-request sampler cannot
+    run after it: such a request keeps transformers' own sampling, seeded for it alone."""
+    window = [loaded_request(k, 0, do_sample=True, repetition_penalty=1.2) for k in range(3)]
+    batches = plan_batches(window, batch_size=4, model_generation_config=GenerationConfig())
+    assert [len(batch) for batch in batches] == [1, 1, 1]
+
+
+def test_the_prefetcher_loads_the_next_items_while_the_consumer_works_on_one():
+    started = [threading.Event() for _ in range(6)]
+
+    def load(k: int) -> int:
+        started[k].set()
+        return k
+
+    prefetcher = Prefetcher(range(6), load, ahead=2, workers=2)
+    items = iter(prefetcher)
+    assert next(items) == 0
+    # the consumer holds item 0: items 1 and 2 are loaded meanwhile, and nothing beyond them is handed out
+    assert started[1].wait(OUTER_LIMIT_S) and started[2].wait(OUTER_LIMIT_S)
+    assert prefetcher.submitted == 3
+    assert list(items) == [1, 2, 3, 4, 5]
+
+
+def test_the_prefetcher_yields_in_input_order_when_loads_finish_out_of_order():
+    second_done = threading.Event()
+
+    def load(k: int) -> int:
+        if k == 0:
+            assert second_done.wait(OUTER_LIMIT_S)  # item 0 finishes after item 1
+        if k == 1:
+            second_done.set()
+        return k
+
+    assert list(Prefetcher(range(5), load, ahead=3, workers=2)) == [0, 1, 2, 3, 4]
+
+
+def test_the_prefetcher_raises_a_failed_load_where_its_item_is_taken():
+    def load(k: int) -> int:
+        if k == 2:
+            raise OSError("disk gone")
+        return k
+
+    taken = []
+    with pytest.raises(OSError, match="disk gone"):
+        for item in Prefetcher(range(5), load, ahead=2, workers=2):
+            taken.append(item)
+    assert taken == [0, 1]
+
+
+def test_the_prefetcher_without_lookahead_loads_on_the_consumers_thread():
+    threads = []
+    prefetched = Prefetcher(range(3), lambda k: threads.append(threading.current_thread()) or k, ahead=0, workers=1)
+    assert list(prefetched) == [0, 1, 2]
+    assert threads == [threading.main_thread()] * 3
 
 
 TORN_PREFIX = '{"id": 0, "answer": "zero", "seconds": 0.1}\n{"id": 1, "answer": "one", "seconds": 0.1}\n'

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import sys
@@ -16,20 +17,33 @@ from pathlib import Path
 from typing import Any
 
 from ..conversation import IMAGE_PLACEHOLDER
+from .batching import (
+    GROUP_BATCHES,
+    InOrderWriter,
+    LoadedRequest,
+    Prefetcher,
+    SeededSampler,
+    plan_batches,
+    sampling_settings,
+    seeded_sampling_applies,
+    window_size,
+    windows,
+)
 from .common import (
     DEFAULT_MAX_NEW_TOKENS,
     PROG,
     CLIError,
     TileSpec,
-    TokenCounter,
     add_max_num,
     add_placement_options,
     fsync_dir,
     is_int,
     is_number,
     load_model,
+    non_negative_int,
     one_line,
     open_image,
+    positive_int,
     resolve_model,
     resolve_placement,
     say,
@@ -37,6 +51,10 @@ from .common import (
     tile_image,
     with_image_placeholders,
 )
+
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_PREFETCH = GROUP_BATCHES  # batches loaded ahead: the whole next window is ready when the model wants it
+LOAD_WORKERS = min(4, os.cpu_count() or 1)  # threads decoding and tiling images
 
 # Generation settings a batch request may carry, with their checks.
 _REQUEST_GENERATION_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -72,6 +90,27 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", required=True, metavar="JSONL", help="answers; appended to, and resumed from")
     parser.add_argument("--retry-errors", action="store_true", help="drop earlier error records and retry them")
     parser.add_argument("--seed", type=int, default=0, help="base seed for sampled answers (per-id, so resumes agree)")
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=DEFAULT_BATCH_SIZE,
+        metavar="B",
+        help=(
+            f"answer up to B requests together (default: {DEFAULT_BATCH_SIZE}); requests are grouped by length "
+            f"within windows of {GROUP_BATCHES} x B, and requests with other generation settings never share a batch"
+        ),
+    )
+    parser.add_argument(
+        "--prefetch",
+        type=non_negative_int,
+        default=DEFAULT_PREFETCH,
+        metavar="N",
+        help=(
+            f"decode and tile the images of up to N batches ahead, in worker threads, while the model works "
+            f"(default: {DEFAULT_PREFETCH}; 0: load on the model's thread). At most ({GROUP_BATCHES} + N) x B "
+            "requests' images are in memory at once"
+        ),
+    )
     add_max_num(parser)
     add_placement_options(parser, DEFAULT_MAX_NEW_TOKENS)
     parser.set_defaults(handler=_run_batch)
@@ -403,45 +442,117 @@ def _run_batch(args: argparse.Namespace) -> int:
 
 
 def _answer_all(todo: list[BatchRequest], log: ResultLog, model: Any, tokenizer: Any, args: argparse.Namespace) -> None:
-    import torch
+    """Answer `todo` through the pipeline of `batching`: loaded ahead, grouped, batched, written in input order."""
     from tqdm.auto import tqdm
 
     spec = TileSpec.of(model.config)
+    ahead = args.prefetch * args.batch_size
+    prefetcher = Prefetcher(
+        enumerate(todo),
+        functools.partial(_load_request, spec=spec, max_num=args.max_num, max_new_tokens=args.max_new_tokens),
+        ahead=ahead,
+        workers=max(1, min(ahead, LOAD_WORKERS)),
+    )
+    writer = InOrderWriter(log.append)
     total_tokens, total_seconds = 0, 0.0
     with tqdm(total=len(todo), file=sys.stderr, unit="req", desc="batch", dynamic_ncols=True) as progress:
-        for request in todo:
-            started = time.perf_counter()
-            if request.error is not None:
-                record = {"id": request.id, "line": request.line, "error": request.error}
-            else:
-                counter = TokenCounter()
-                try:
-                    images = [tile_image(open_image(path), args.max_num, spec) for path in request.images]
-                    pixel_values, num_patches_list = stack_images(images)
-                    generation = {"max_new_tokens": args.max_new_tokens, "do_sample": False, **request.generation}
-                    if generation.get("do_sample"):  # the same answer for an id, whether or not the run resumed
-                        torch.manual_seed(args.seed + zlib.crc32(json.dumps(request.id).encode()))
-                    # transformers refuses a streamer with beam search: count those answers' tokens afterwards
-                    streamed = generation.get("num_beams", 1) == 1
-                    answer = model.chat(
-                        tokenizer,
-                        pixel_values,
-                        request.question,
-                        generation,
-                        num_patches_list=num_patches_list,
-                        streamer=counter if streamed else None,
-                    )
-                    seconds = time.perf_counter() - started
-                    record = {"id": request.id, "answer": answer, "seconds": round(seconds, 3)}
-                    total_tokens += counter.count if streamed else len(tokenizer(answer).input_ids)
-                    total_seconds += seconds
-                except CLIError as exc:
-                    record = {"id": request.id, "line": request.line, "error": str(exc)}
-                except Exception as exc:  # one request's failure (e.g. out of memory) must not end the run
-                    record = {"id": request.id, "line": request.line, "error": f"{type(exc).__name__}: {one_line(exc)}"}
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-            log.append(record)
-            progress.update(1)
-            if total_seconds:
-                progress.set_postfix_str(f"{total_tokens / total_seconds:.1f} tok/s, errors {log.errors}")
+        try:
+            for window in windows(prefetcher, window_size(args.batch_size)):
+                ready = []
+                for loaded in window:
+                    if loaded.error is None:
+                        ready.append(loaded)
+                    else:
+                        progress.update(writer.put(loaded.position, _error_record(loaded.request, loaded.error)))
+                for batch in plan_batches(ready, args.batch_size, model.generation_config):
+                    started = time.perf_counter()
+                    answered = _answer_batch(model, tokenizer, batch, args.seed)
+                    total_seconds += time.perf_counter() - started
+                    for loaded, record in answered:
+                        loaded.pixel_values = None  # the batch is done: its images may go
+                        if "answer" in record:
+                            total_tokens += len(tokenizer(record["answer"], add_special_tokens=False).input_ids)
+                        progress.update(writer.put(loaded.position, record))
+                    progress.set_postfix_str(f"{total_tokens / total_seconds:.1f} tok/s, errors {log.errors}")
+        finally:
+            prefetcher.close()
+
+
+def _error_record(request: BatchRequest, error: str) -> dict:
+    return {"id": request.id, "line": request.line, "error": error}
+
+
+def _load_request(item: tuple[int, BatchRequest], spec: TileSpec, max_num: int, max_new_tokens: int) -> LoadedRequest:
+    """A request's images decoded and tiled (in a loader thread): a LoadedRequest, or one carrying the error."""
+    position, request = item
+    loaded = LoadedRequest(position, request, error=request.error)
+    if request.error is not None:
+        return loaded
+    try:
+        images = [tile_image(open_image(path), max_num, spec) for path in request.images]
+    except CLIError as exc:
+        loaded.error = str(exc)
+        return loaded
+    except Exception as exc:  # e.g. out of memory on a huge image: this request's error record, not the run's end
+        loaded.error = f"{type(exc).__name__}: {one_line(exc)}"
+        return loaded
+    loaded.pixel_values, num_patches = stack_images(images)
+    loaded.num_patches = num_patches or []
+    loaded.image_tokens = sum(loaded.num_patches) * spec.tokens
+    loaded.question = request.question
+    loaded.generation = {"max_new_tokens": max_new_tokens, "do_sample": False, **request.generation}
+    return loaded
+
+
+def _answer_batch(
+    model: Any, tokenizer: Any, batch: list[LoadedRequest], seed: int
+) -> list[tuple[LoadedRequest, dict]]:
+    """Answer a batch together; if that fails, each of its requests alone, so that one bad request (or a batch
+    too large for the memory) costs only its own error record."""
+    import torch
+
+    started = time.perf_counter()
+    try:
+        answers = _generate(model, tokenizer, batch, seed)
+    except Exception as exc:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(batch) > 1:
+            return [answered for loaded in batch for answered in _answer_batch(model, tokenizer, [loaded], seed)]
+        return [(batch[0], _error_record(batch[0].request, f"{type(exc).__name__}: {one_line(exc)}"))]
+    seconds = round(time.perf_counter() - started, 3)
+    return [
+        (loaded, {"id": loaded.request.id, "answer": answer, "seconds": seconds})
+        for loaded, answer in zip(batch, answers, strict=True)
+    ]
+
+
+def request_seed(base_seed: int, request_id: Any) -> int:
+    """The seed of a request's sampled answer: from --seed and its id, so that a resumed run samples as an
+    uninterrupted one, whatever the batch the request lands in."""
+    return base_seed + zlib.crc32(json.dumps(request_id).encode())
+
+
+def _generate(model: Any, tokenizer: Any, batch: list[LoadedRequest], seed: int) -> list[str]:
+    """`batch_chat` on a batch whose requests share their generation settings (see `batching.batch_key`)."""
+    import torch
+
+    generation = dict(batch[0].generation)
+    if batch[0].samples:
+        seeds = [request_seed(seed, loaded.request.id) for loaded in batch]
+        if seeded_sampling_applies(generation, model.generation_config):
+            sampling = sampling_settings(generation, model.generation_config)
+            for name in sampling:
+                generation.pop(name, None)
+            generation["do_sample"] = False  # SeededSampler draws the token; generate takes it
+            generation["logits_processor"] = [SeededSampler(seeds, **sampling)]
+        else:  # alone in its batch: transformers' own sampling, seeded for this request
+            torch.manual_seed(seeds[0])
+    images = [loaded.pixel_values for loaded in batch if loaded.pixel_values is not None]
+    return model.batch_chat(
+        tokenizer,
+        torch.cat(images) if images else None,
+        [loaded.question for loaded in batch],
+        generation,
+        num_patches_list=[loaded.num_patches for loaded in batch],
+    )

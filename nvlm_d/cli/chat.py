@@ -23,7 +23,7 @@ from .common import (
     resolve_placement,
     say,
     stack_images,
-    stream_chat,
+    stream_answer,
     tile_image,
     with_image_placeholders,
 )
@@ -83,7 +83,14 @@ def _run_chat(args: argparse.Namespace) -> int:
 
     pixel_values, num_patches_list = stack_images(images)
     if sys.stdout.isatty():  # a person is watching: show the tokens as they come
-        stream_chat(model, tokenizer, pixel_values, question, generation_config, None, num_patches_list)
+
+        def answer(streamer: Any) -> str:
+            return model.chat(
+                tokenizer, pixel_values, question, generation_config, num_patches_list=num_patches_list,
+                streamer=streamer,
+            )  # fmt: skip
+
+        stream_answer(tokenizer, answer)
     else:
         answer = model.chat(tokenizer, pixel_values, question, generation_config, num_patches_list=num_patches_list)
         print(answer, flush=True)
@@ -106,14 +113,16 @@ def _interactive_chat(
 ) -> int:
     """Questions from stdin, streamed answers on stdout, status lines on stderr.
 
-    Every image of the conversation stays in it: each turn passes all of them (earlier questions keep their
-    `<image>` markers in the history, and `chat` expands every marker), so a follow-up can refer to them.
+    The conversation is a `model.start_chat` session: every turn prefills only its own tokens, on top of the KV
+    cache of the turns before it, and each image goes through the vision tower once, in the turn it comes with.
+    The answers are those of `chat(history=...)` with all the conversation's images (earlier questions keep their
+    `<image>` markers, so a follow-up can refer to them).
     """
-    history: list[tuple[str, str]] = []
-    images: list[TiledImage] = []  # images already in the conversation
+    session = model.start_chat(tokenizer, generation_config)
+    in_conversation = 0  # images already in the conversation
     pending: list[TiledImage] = list(initial_images)  # added for the next question
     say(f"{PROG} chat: {_CHAT_HELP}")
-    for number, image in enumerate(pending, start=len(images) + 1):
+    for number, image in enumerate(pending, start=1):
         say(f"image {number} added: {image.name}, {image.describe()}")
     while True:
         line = _read_line("you> ")
@@ -128,7 +137,8 @@ def _interactive_chat(
             if command in ("/quit", "/exit"):
                 break
             if command == "/reset":
-                history, images, pending = [], [], []
+                session.reset()
+                in_conversation, pending = 0, []
                 say("conversation cleared")
             elif command == "/image":
                 if not argument:
@@ -141,7 +151,7 @@ def _interactive_chat(
                     continue
                 pending.append(image)
                 say(
-                    f"image {len(images) + len(pending)} added: {image.name}, {image.describe()}; "
+                    f"image {in_conversation + len(pending)} added: {image.name}, {image.describe()}; "
                     "it goes with your next question"
                 )
             elif command == "/help":
@@ -151,20 +161,24 @@ def _interactive_chat(
             continue
 
         question = with_image_placeholders(
-            text, len(pending), first_index=len(images) + 1, label=bool(images) or len(pending) > 1
+            text, len(pending), first_index=in_conversation + 1, label=bool(in_conversation) or len(pending) > 1
         )
         try:
             check_placeholders(question, len(pending))
         except CLIError as exc:
             say(f"{PROG}: error: {exc}")
             continue
-        pixel_values, num_patches_list = stack_images(images + pending)
+        pixel_values, num_patches_list = stack_images(pending)
         try:
-            _, history = stream_chat(
-                model, tokenizer, pixel_values, question, generation_config, history, num_patches_list
+            stream_answer(
+                tokenizer,
+                lambda streamer: session.ask(question, pixel_values, num_patches_list, streamer=streamer),
             )
-        except Exception as exc:  # e.g. out of memory on a long answer: the session goes on
+        except ValueError as exc:  # the conversation outgrew the session's token limit
+            say(f"{PROG}: error: {one_line(exc)} (type /reset to start a new conversation)")
+            continue
+        except Exception as exc:  # e.g. out of memory on a long answer: the session goes on, as it was
             say(f"{PROG}: error: {type(exc).__name__}: {one_line(exc)}")
             continue
-        images, pending = images + pending, []
+        in_conversation, pending = in_conversation + len(pending), []
     return 0

@@ -9,7 +9,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 
@@ -418,19 +428,12 @@ class TokenCounter:
         self.finished_at = time.perf_counter()
 
 
-def stream_chat(
-    model: Any,
-    tokenizer: Any,
-    pixel_values: Any,
-    question: str,
-    generation_config: dict,
-    history: list,
-    num_patches_list: list[int] | None,
-    out=None,
-) -> tuple[str, list]:
-    """`model.chat` with its tokens printed to `out` as they come (TextIteratorStreamer, generation in a thread).
+def stream_answer(tokenizer: Any, answer: Callable[[Any], str], out=None) -> str:
+    """Print an answer to `out` token by token as it is generated, and return it.
 
-    Returns (answer, new history). An exception in the generation thread is re-raised here.
+    `answer(streamer)` generates with the streamer (`model.chat(..., streamer=streamer)`,
+    `session.ask(..., streamer=streamer)`) and returns the answer; it runs in a thread while this one prints the
+    TextIteratorStreamer's text. An exception in that thread is re-raised here.
     """
     from transformers import TextIteratorStreamer
 
@@ -440,16 +443,7 @@ def stream_chat(
 
     def generate() -> None:
         try:
-            result["value"] = model.chat(
-                tokenizer,
-                pixel_values,
-                question,
-                generation_config,
-                history=history,
-                return_history=True,
-                num_patches_list=num_patches_list,
-                streamer=streamer,
-            )
+            result["value"] = answer(streamer)
         except BaseException as exc:  # handed to the caller; end the stream so the reader does not wait forever
             result["error"] = exc
             streamer.end()
@@ -469,8 +463,9 @@ def stream_chat(
         out.write(body)
         out.flush()
     thread.join()
-    out.write("\n")
-    out.flush()
+    if started or "error" not in result:  # a failure before the first token printed nothing: no empty line
+        out.write("\n")
+        out.flush()
     if "error" in result:
         raise result["error"]
     return result["value"]
