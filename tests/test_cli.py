@@ -583,12 +583,20 @@ class Gate:
         fails with its stderr. Keep the write end open until the batch is killed: closing it lets the batch read
         an empty picture and go on."""
         opened: list[int] = []
-        writer = threading.Thread(target=lambda: opened.append(os.open(self.path, os.O_WRONLY)), daemon=True)
+        reached_or_ended = threading.Event()  # set by whichever comes first: the batch opens the pipe, or it ends
+
+        def open_write_end() -> None:
+            opened.append(os.open(self.path, os.O_WRONLY))
+            reached_or_ended.set()
+
+        def wait_for_exit() -> None:
+            process.wait()
+            reached_or_ended.set()
+
+        writer = threading.Thread(target=open_write_end, daemon=True)
         writer.start()
-        for _ in range(OUTER_LIMIT_S):
-            writer.join(timeout=1)
-            if opened or process.poll() is not None:
-                break
+        threading.Thread(target=wait_for_exit, daemon=True).start()
+        reached_or_ended.wait(OUTER_LIMIT_S)
         if opened and process.poll() is None:
             return opened[0]
         os.close(os.open(self.path, os.O_RDONLY | os.O_NONBLOCK))  # let the writer thread's open return

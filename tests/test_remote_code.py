@@ -42,6 +42,9 @@ BLOCK_NVLM_D = textwrap.dedent(
 )
 
 
+OUTER_LIMIT_S = 1800  # for a subprocess that loads a tiny model: only a hung interpreter gets near it
+
+
 @pytest.fixture(scope="module")
 def saved_dir(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_saved"), seed=11)
@@ -49,7 +52,10 @@ def saved_dir(tmp_path_factory):
 
 def run_isolated(code: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-c", BLOCK_NVLM_D + textwrap.dedent(code)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", BLOCK_NVLM_D + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=OUTER_LIMIT_S,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout

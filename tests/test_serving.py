@@ -44,6 +44,8 @@ MAX_NEW_TOKENS = 12
 MAX_MODEL_LEN = 4096  # the image prompt (7 tiles: 1,792 image tokens) and vLLM's profiling run fit
 KV_CACHE_BYTES = 1 << 30
 ENGINE_TIMEOUT_S = 1800  # outer limits: vLLM starts several processes, each importing torch, on two busy cores
+HEALTH_POLL_INTERVAL_S = 2  # between health polls; a server that exits ends the pause at once
+SHUTDOWN_GRACE_S = 300  # after SIGTERM, before SIGKILL: generous, so a slow but orderly shutdown is not cut
 REQUEST_TIMEOUT_S = 900
 
 
@@ -363,14 +365,14 @@ def wait_until_healthy(server: subprocess.Popen, url: str, log: Path) -> None:
     server that dies is reported at once with its log."""
     deadline = time.monotonic() + ENGINE_TIMEOUT_S
     while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=30) as response:
+        try:  # refused at once until the server listens; once it listens, it may take until the deadline to answer
+            with urllib.request.urlopen(url, timeout=max(1.0, deadline - time.monotonic())) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         with contextlib.suppress(subprocess.TimeoutExpired):
-            code = server.wait(timeout=2)
+            code = server.wait(timeout=HEALTH_POLL_INTERVAL_S)  # the pause between polls, ended early by an exit
             pytest.fail(f"the server exited ({code}) before it was ready; its log ends:\n{log.read_text()[-6000:]}")
     pytest.fail(f"the server was not ready after {ENGINE_TIMEOUT_S} s; its log ends:\n{log.read_text()[-6000:]}")
 
@@ -380,10 +382,10 @@ def stop(server: subprocess.Popen) -> None:
     if server.poll() is None:
         server.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            server.wait(timeout=120)
+            server.wait(timeout=SHUTDOWN_GRACE_S)  # not a limit: what a slow shutdown gets before SIGKILL
     with contextlib.suppress(ProcessLookupError):
         os.killpg(server.pid, signal.SIGKILL)  # its own session (start_new_session), so only what it started
-    server.wait(timeout=60)
+    server.wait(timeout=ENGINE_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -389,7 +389,7 @@ def check_vllm(python: str, needs_ray: bool) -> None:
     modules = ["vllm"] + (["ray"] if needs_ray else [])
     probe = "import importlib.util, sys; print(*[m for m in sys.argv[1:] if importlib.util.find_spec(m) is None])"
     try:
-        found = subprocess.run([python, "-c", probe, *modules], capture_output=True, text=True, timeout=120)
+        found = subprocess.run([python, "-c", probe, *modules], capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise CLIError(f"cannot run the Python interpreter {python} ({one_line(exc)}): see --python") from None
     if found.returncode != 0:
