@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import queue
-import threading
+import itertools
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
 # A window of this many batches is sorted by prompt length before it is cut into batches: enough for requests of
@@ -46,13 +45,11 @@ R = TypeVar("R")
 
 
 class Prefetcher(Generic[T, R]):
-    """`load(item)` for every item, in `workers` daemon threads, at most `ahead` items in front of the consumer;
+    """`load(item)` for every item, in a pool of `workers` threads, at most `ahead` items in front of the consumer;
     iterating yields the results in input order (an exception of `load` is raised where its result is taken).
 
     While the consumer works on item k, items k+1 .. k+ahead are being loaded: never more, so memory is bounded
     by what `ahead` loaded items hold. `ahead=0` loads each item on the consumer's thread when it is taken.
-    Daemon threads, so that a worker stuck in a read (a hung network file system) never keeps the process alive
-    after the consumer is gone.
     """
 
     def __init__(self, items: Iterable[T], load: Callable[[T], R], ahead: int, workers: int) -> None:
@@ -61,74 +58,32 @@ class Prefetcher(Generic[T, R]):
         self._items = iter(items)
         self._load = load
         self.ahead = ahead
-        self._workers = workers if ahead else 0
-        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="nvlm_d-load") if ahead else None
         self._pending: collections.deque[Future] = collections.deque()
-        self._threads: list[threading.Thread] = []
         self.submitted = 0  # items handed to `load` so far
-        self.taken = 0  # results handed to the consumer so far
 
     def __iter__(self) -> Iterator[R]:
+        if self._pool is None:
+            for item in self._items:
+                self.submitted += 1
+                yield self._load(item)
+            return
         try:
             while True:
-                self._submit(self.ahead + 1)
+                for item in itertools.islice(self._items, self.ahead + 1 - len(self._pending)):
+                    self._pending.append(self._pool.submit(self._load, item))
+                    self.submitted += 1
                 if not self._pending:
                     return
-                future = self._pending.popleft()
-                self.taken += 1
-                yield self._result(future)
-                del future  # the consumer holds the result now; nothing here keeps it alive
+                yield self._pending.popleft().result()
         finally:
             self.close()
 
-    def _submit(self, wanted: int) -> None:
-        """Hand items to the workers until `wanted` results are pending (loading or loaded, not yet taken)."""
-        while len(self._pending) < wanted:
-            try:
-                item = next(self._items)
-            except StopIteration:
-                return
-            future: Future = Future()
-            self._pending.append(future)
-            self.submitted += 1
-            if not self._workers:
-                future.item = item  # loaded when taken, on the consumer's thread
-                continue
-            if len(self._threads) < self._workers:
-                self._start_worker()
-            self._tasks.put((future, item))
-
-    def _result(self, future: Future) -> R:
-        if not self._workers:
-            return self._load(future.item)
-        return future.result()
-
-    def _start_worker(self) -> None:
-        thread = threading.Thread(target=self._work, name=f"nvlm_d-load-{len(self._threads)}", daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
-    def _work(self) -> None:
-        while True:
-            task = self._tasks.get()
-            if task is None:
-                return
-            future, item = task
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(self._load(item))
-            except BaseException as exc:  # handed to the consumer, which re-raises it
-                future.set_exception(exc)
-            del task, future, item
-
     def close(self) -> None:
-        """Cancel what has not started and let the workers end (a load in progress finishes on its own)."""
-        for future in self._pending:
-            future.cancel()
+        """Cancel the loads that have not started; a load in progress finishes on its own, unwaited for."""
         self._pending.clear()
-        for _ in self._threads:
-            self._tasks.put(None)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def window_size(batch_size: int) -> int:
