@@ -43,6 +43,9 @@ LLM_LORA_TARGETS = (
 )
 VISION_LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
+# Generation inputs with one row per image tile (not per prompt): expanded for beams a prompt's tiles at a time.
+_PER_TILE_INPUTS = ("pixel_values", "visual_features", "image_flags")
+
 
 def _apply_use_flash_attn(config: NVLM_D_Config, use_flash_attn: bool | None) -> None:
     """Honour the model card's `use_flash_attn=` keyword unless an `attn_implementation` was asked for."""
@@ -85,8 +88,6 @@ class _DraftModel:
     (NVLM-D's own returns the new tokens only), and a text-only draft (a small Qwen2) must not be handed the images,
     which the candidate generator passes on with every other model keyword."""
 
-    _IMAGE_INPUTS = ("pixel_values", "visual_features", "image_flags")
-
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
@@ -96,7 +97,7 @@ class _DraftModel:
     def generate(self, **kwargs) -> Any:
         if isinstance(self.model, NVLM_D_Model):
             return GenerationMixin.generate(self.model, **kwargs)
-        for name in self._IMAGE_INPUTS:
+        for name in _PER_TILE_INPUTS:
             kwargs.pop(name, None)
         return self.model.generate(**kwargs)
 
@@ -558,6 +559,61 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
             inputs.pop("visual_features", None)
             inputs.pop("image_flags", None)
         return inputs
+
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.LongTensor | None = None,
+        **model_kwargs,
+    ) -> tuple[torch.LongTensor | None, dict[str, Any]]:
+        """transformers' expansion for beams and `num_return_sequences`, which repeats every tensor row by row: right
+        for inputs with one row per prompt, wrong for the images, which have one row per tile. `[t0, t1]` of a 2-tile
+        prompt would become `[t0, t0, t1, t1]`, and each copy of the prompt would read another copy's tiles. Here each
+        prompt's tiles are repeated as one group (`[t0, t1, t0, t1]`), so that every copy reads its own, in order."""
+        images = {name: model_kwargs.pop(name) for name in _PER_TILE_INPUTS if model_kwargs.get(name) is not None}
+        expanded_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        if images and expand_size > 1:
+            if input_ids is None:
+                raise ValueError("Images need input_ids, to find the <|vision_pad|> positions their features replace")
+            cache = model_kwargs.get("cache")
+            uncached = input_ids[:, cache.get_seq_length() :] if cache is not None else input_ids
+            images = self._repeat_tiles_per_prompt(uncached, images, expand_size)
+        model_kwargs.update(images)
+        return expanded_ids, model_kwargs
+
+    def _repeat_tiles_per_prompt(
+        self, input_ids: torch.LongTensor, images: dict[str, torch.Tensor], expand_size: int
+    ) -> dict[str, torch.Tensor]:
+        """`images` (per-tile tensors) with each prompt's tiles repeated `expand_size` times as a group. A prompt's
+        tiles are as many as its `<|vision_pad|>` tokens make tiles; `image_flags` first drops the padding tiles
+        (flag 0), which belong to no prompt, so the expanded images need no flags."""
+        flags = images.pop("image_flags", None)
+        if flags is not None:
+            real = flags.reshape(-1) == 1
+            for name, tiles in images.items():
+                if real.shape[0] != tiles.shape[0]:
+                    raise ValueError(f"image_flags has {real.shape[0]} entries but there are {tiles.shape[0]} tiles")
+                images[name] = tiles[real.to(tiles.device)]
+        tokens = (input_ids == self.img_context_token_id).sum(dim=1).tolist()
+        if any(count % self.num_image_token for count in tokens):
+            raise ValueError(
+                f"Each prompt's image tokens (id {self.img_context_token_id}) must be whole tiles of "
+                f"{self.num_image_token}; the prompts have {tokens}"
+            )
+        tiles_per_prompt = [count // self.num_image_token for count in tokens]
+        expanded = {}
+        for name, tiles in images.items():
+            if sum(tiles_per_prompt) != tiles.shape[0]:
+                raise ValueError(
+                    f"The prompts' image tokens make {sum(tiles_per_prompt)} tiles ({tiles_per_prompt} per prompt) but "
+                    f"{name} holds {tiles.shape[0]}; build the prompts with the same num_patches_list as the images."
+                )
+            groups = tiles.split(tiles_per_prompt)
+            expanded[name] = torch.cat([group for group in groups for _ in range(expand_size)])
+        return expanded
 
     def generate(
         self,
