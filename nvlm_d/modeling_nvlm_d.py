@@ -998,9 +998,11 @@ def _images_per_question(
 def _prefill_rows_apart(rows: list[torch.Tensor], config: GenerationConfig, extra: dict) -> bool:
     """Whether a batch's prompts are prefilled one by one (`_prefill_each_row`): when they differ in length, and
     generation keeps one row per prompt in a dynamic cache (beams, several sequences per prompt, a static cache,
-    assisted decoding or a cache of the caller's prefill the padded batch)."""
+    assisted decoding or a cache of the caller's prefill the padded batch). Without a cache (`use_cache=False`) every
+    step reruns the whole sequence, so there is no prefill to run apart."""
     return (
         len({len(row) for row in rows}) > 1
+        and config.use_cache is not False
         and (config.num_beams or 1) == 1
         and (config.num_return_sequences or 1) == 1
         and config.cache_implementation is None

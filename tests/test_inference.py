@@ -208,6 +208,13 @@ def test_batch_chat_prefills_prompts_of_equal_length_and_beam_searches_as_one_pa
     assert shapes[0][0] == 4 and shapes[0][1] > 1  # 2 prompts x 2 beams, prefilled together
 
 
+def test_batch_chat_without_a_cache_answers_prompts_of_different_lengths_as_chat_does(tiny_model, tokenizer):
+    settings = {"max_new_tokens": 4, "do_sample": False, "use_cache": False}
+    questions = ["Hi?", "Tell me a story about the sea, please."]
+    separate = [tiny_model.chat(tokenizer, None, question, settings) for question in questions]
+    assert tiny_model.batch_chat(tokenizer, None, questions, settings) == separate
+
+
 def test_batch_chat_accepts_several_images_for_one_question(tiny_model, tokenizer):
     first, second = tiles(2, seed=6), tiles(1, seed=7)
     question = "Image-1: <image>\nImage-2: <image>\nCompare them."
