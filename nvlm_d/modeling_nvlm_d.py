@@ -179,6 +179,15 @@ def _chat_generation_config(settings: dict | GenerationConfig | None, tokenizer:
     return config, extra
 
 
+def _settings_streamer(extra: dict, streamer: Any) -> Any:
+    """The streamer to generate with: `streamer`, or the one the generation settings dict held (popped from `extra`,
+    which goes to `generate` as keywords beside `streamer=`, where two values for one keyword would collide)."""
+    in_settings = extra.pop("streamer", None)
+    if streamer is not None and in_settings is not None and streamer is not in_settings:
+        raise ValueError("Two streamers were given, one as streamer= and one in the generation settings: pass one")
+    return streamer if streamer is not None else in_settings
+
+
 def _positive_counts(name: str, counts: Any, allow_zero: bool = False) -> list[int]:
     """`counts` as a list of Python ints (numpy and torch integers accepted), each >= 1 (or >= 0)."""
     if isinstance(counts, (str, bytes)) or not isinstance(counts, Sequence):
@@ -740,6 +749,7 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         rows = [tokenizer(p, return_tensors="pt").input_ids[0] for p in prompts]
         input_ids, attention_mask = _left_pad(rows, tokenizer.pad_token_id)
         config, extra = _chat_generation_config(generation_config, tokenizer)
+        streamer = _settings_streamer(extra, streamer)
         if _prefill_rows_apart(rows, config, extra):
             extra["cache"] = self._prefill_each_row(rows, pixel_values, visual_features)
             pixel_values = visual_features = None

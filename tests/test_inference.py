@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 from transformers import GenerationConfig, TextIteratorStreamer
+from transformers.generation.streamers import BaseStreamer
 
 from nvlm_d.conversation import build_prompt
 
@@ -147,6 +148,43 @@ def test_streamer_yields_exactly_the_returned_response(tiny_model, tokenizer):
     streamed = "".join(streamer)
     thread.join()
     assert streamed.strip() == result["answer"]
+
+
+class RecordingStreamer(BaseStreamer):
+    """Keeps what generate streams: the prompt first, then the new tokens."""
+
+    def __init__(self) -> None:
+        self.chunks: list[list[int]] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.chunks.append(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.ended = True
+
+    def new_text(self, tokenizer) -> str:
+        new_tokens = [token for chunk in self.chunks[1:] for token in chunk]
+        return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+def test_a_streamer_in_the_settings_streams_the_answer_of_chat_batch_chat_and_a_session(tiny_model, tokenizer):
+    settings = {"max_new_tokens": 3, "do_sample": False}
+    streamers = [RecordingStreamer() for _ in range(3)]
+    answers = [
+        tiny_model.chat(tokenizer, None, "Hi", {**settings, "streamer": streamers[0]}),
+        tiny_model.batch_chat(tokenizer, None, ["Hi"], {**settings, "streamer": streamers[1]})[0],
+        tiny_model.start_chat(tokenizer, {**settings, "streamer": streamers[2]}).ask("Hi"),
+    ]
+    assert [streamer.new_text(tokenizer) for streamer in streamers] == answers
+    assert all(streamer.ended for streamer in streamers)
+
+
+def test_two_different_streamers_for_one_answer_are_rejected(tiny_model, tokenizer):
+    with pytest.raises(ValueError, match="Two streamers"):
+        tiny_model.chat(
+            tokenizer, None, "Hi", {"max_new_tokens": 2, "streamer": RecordingStreamer()}, streamer=RecordingStreamer()
+        )
 
 
 def test_batch_chat_answers_equal_separate_chat_answers(tiny_model, tokenizer):
