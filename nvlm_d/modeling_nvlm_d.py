@@ -560,10 +560,19 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
             return False
         return not bool((input_ids == self.img_context_token_id).any())
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs) -> dict:
+    def prepare_inputs_for_generation(
+        self,
+        *args,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ) -> dict:
         """transformers' preparation, which passes `pixel_values` at prefill only; `visual_features` and
-        `image_flags` likewise (later steps read the image through the KV cache)."""
-        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        `image_flags` likewise (later steps read the image through the KV cache). `inputs_embeds` is named in the
+        signature because `generate` looks for it there before it accepts `generate(inputs_embeds=...)`."""
+        inputs = super().prepare_inputs_for_generation(
+            *args, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+        )
         if not is_first_iteration and kwargs.get("use_cache", True):
             inputs.pop("visual_features", None)
             inputs.pop("image_flags", None)
@@ -638,7 +647,9 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         output's `sequences`.
 
         `input_ids` and `attention_mask` may live on any device (they go to the embeddings' device); without an
-        `attention_mask`, left padding (`<|endoftext|>`) is recognised, as in transformers' text models. Every
+        `attention_mask`, left padding (`<|endoftext|>`) is recognised, as in transformers' text models. Instead of
+        `input_ids`, `inputs_embeds` [batch, tokens, hidden] may hold the prompt's embeddings with any image features
+        already merged in (then pass no images). Every
         `generate` keyword works: sampling, beams, `num_return_sequences`, `assistant_model`, stop strings,
         streamers, `cache_implementation="static"`, `compile_config`, logits processors.
         """

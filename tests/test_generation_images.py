@@ -102,3 +102,17 @@ def test_beams_with_image_tokens_that_are_not_whole_tiles_are_rejected(tiny_mode
     cut = torch.cat([input_ids[:, :first], input_ids[:, first + 1 :]], dim=1)  # one image token less
     with pytest.raises(ValueError, match="whole tiles"):
         tiny_model.generate(input_ids=cut, pixel_values=tiles(0.0), **BEAMS)
+
+
+def test_generate_from_merged_inputs_embeds_answers_as_from_input_ids_and_images(tiny_model, tokenizer):
+    input_ids = tokenizer(build_prompt("Describe.", [2]), return_tensors="pt").input_ids
+    pixel_values = tiles(-1.8, 0.0)
+    with torch.no_grad():
+        features = tiny_model.get_image_features(pixel_values).pooler_output
+        embeds = tiny_model.get_input_embeddings()(input_ids)
+        mask = (input_ids == tiny_model.config.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(mask, features.reshape(-1, features.shape[-1]))
+    settings = {"max_new_tokens": 3, "do_sample": False}
+    from_embeds = tiny_model.generate(inputs_embeds=embeds, **settings)
+    from_ids = tiny_model.generate(input_ids=input_ids, pixel_values=pixel_values, **settings)
+    assert from_embeds.tolist() == from_ids.tolist()
