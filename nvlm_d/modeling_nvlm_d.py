@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -177,6 +178,16 @@ def _chat_generation_config(settings: dict | GenerationConfig | None, tokenizer:
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
     return config, extra
+
+
+def _called_by_text_generation_pipeline() -> bool:
+    """Whether the caller of `NVLM_D_Model.generate` (two frames up from here) is transformers' text-generation
+    pipeline. Looked up in `sys.modules` only: a process that never loaded the pipeline does not import it."""
+    pipelines = sys.modules.get("transformers.pipelines.text_generation")
+    if pipelines is None:
+        return False
+    caller = sys._getframe(2).f_locals.get("self")
+    return isinstance(caller, pipelines.TextGenerationPipeline)
 
 
 def _settings_streamer(extra: dict, streamer: Any) -> Any:
@@ -652,6 +663,10 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         already merged in (then pass no images). Every
         `generate` keyword works: sampling, beams, `num_return_sequences`, `assistant_model`, stop strings,
         streamers, `cache_implementation="static"`, `compile_config`, logits processors.
+
+        One caller gets whole sequences (prompt and new tokens): transformers' `pipeline("text-generation")`, which
+        cuts the prompt's length off what `generate` returns, as for every causal LM; given the new tokens only, it
+        would answer with empty strings.
         """
         if input_ids is None:
             if "inputs_embeds" not in generate_kwargs:
@@ -680,7 +695,7 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
             generation_config=generation_config,
             **generate_kwargs,
         )
-        prompt_length = input_ids.shape[1]
+        prompt_length = 0 if _called_by_text_generation_pipeline() else input_ids.shape[1]
         if isinstance(outputs, torch.Tensor):
             return outputs[:, prompt_length:]
         outputs.sequences = outputs.sequences[:, prompt_length:]
