@@ -658,11 +658,13 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         output's `sequences`.
 
         `input_ids` and `attention_mask` may live on any device (they go to the embeddings' device); without an
-        `attention_mask`, left padding (`<|endoftext|>`) is recognised, as in transformers' text models. Instead of
-        `input_ids`, `inputs_embeds` [batch, tokens, hidden] may hold the prompt's embeddings with any image features
-        already merged in (then pass no images). Every
+        `attention_mask`, left padding (`<|endoftext|>`) is recognised, as in transformers' text models. Every
         `generate` keyword works: sampling, beams, `num_return_sequences`, `assistant_model`, stop strings,
-        streamers, `cache_implementation="static"`, `compile_config`, logits processors.
+        streamers, `cache_implementation="static"`, `compile_config`, logits processors. With beams or several
+        return sequences, every copy of a prompt reads that prompt's tiles.
+
+        Instead of `input_ids`, `inputs_embeds` [batch, tokens, hidden] may hold the prompt's embeddings with any image
+        features already merged in (then pass no images).
 
         One caller gets whole sequences (prompt and new tokens): transformers' `pipeline("text-generation")`, which
         cuts the prompt's length off what `generate` returns, as for every causal LM; given the new tokens only, it

@@ -1,5 +1,5 @@
-"""transformers' `pipeline("text-generation")` over NVLM-D (registered for `AutoModelForCausalLM`): it cuts the prompt's
-length off what `generate` returns, so it must get whole sequences, not the new tokens `generate` gives other callers."""
+"""transformers' `pipeline("text-generation")` over NVLM-D (registered for `AutoModelForCausalLM`): it cuts the
+prompt's length off what `generate` returns, so it must get whole sequences, not the new tokens other callers get."""
 
 from __future__ import annotations
 
