@@ -43,11 +43,12 @@ class ChatSession:
         generation_config: dict | GenerationConfig | None = None,
         max_tokens: int | None = None,
     ) -> None:
-        from .modeling_nvlm_d import _chat_generation_config
+        from .modeling_nvlm_d import _chat_generation_config, _settings_streamer
 
         self.model = model
         self.tokenizer = tokenizer
         self.config, self._generate_kwargs = _chat_generation_config(generation_config, tokenizer)
+        self._streamer = _settings_streamer(self._generate_kwargs, None)  # the settings' streamer streams every turn
         if (self.config.num_beams or 1) > 1 or (self.config.num_return_sequences or 1) > 1:
             raise ValueError(
                 "a ChatSession generates one sequence per turn: num_beams and num_return_sequences must be 1"
@@ -86,6 +87,7 @@ class ChatSession:
         images stacked with `num_patches_list`); returns the answer and appends the turn to `history`."""
         if not isinstance(question, str):
             raise TypeError(f"question must be a string, got {type(question).__name__}")
+        streamer = streamer if streamer is not None else self._streamer  # this turn's, else the settings'
         new_counts = self.model._check_num_patches(num_patches_list, self.model._num_tiles(pixel_values, None))
         if new_counts and not self.history and IMAGE_PLACEHOLDER not in question:
             question = IMAGE_PLACEHOLDER + "\n" + question  # as chat does on a first turn

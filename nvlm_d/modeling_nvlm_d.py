@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +43,9 @@ LLM_LORA_TARGETS = (
     "mlp.down_proj",
 )
 VISION_LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+# Generation inputs with one row per image tile (not per prompt): expanded for beams a prompt's tiles at a time.
+_PER_TILE_INPUTS = ("pixel_values", "visual_features", "image_flags")
 
 
 def _apply_use_flash_attn(config: NVLM_D_Config, use_flash_attn: bool | None) -> None:
@@ -85,8 +89,6 @@ class _DraftModel:
     (NVLM-D's own returns the new tokens only), and a text-only draft (a small Qwen2) must not be handed the images,
     which the candidate generator passes on with every other model keyword."""
 
-    _IMAGE_INPUTS = ("pixel_values", "visual_features", "image_flags")
-
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
@@ -96,7 +98,7 @@ class _DraftModel:
     def generate(self, **kwargs) -> Any:
         if isinstance(self.model, NVLM_D_Model):
             return GenerationMixin.generate(self.model, **kwargs)
-        for name in self._IMAGE_INPUTS:
+        for name in _PER_TILE_INPUTS:
             kwargs.pop(name, None)
         return self.model.generate(**kwargs)
 
@@ -176,6 +178,25 @@ def _chat_generation_config(settings: dict | GenerationConfig | None, tokenizer:
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
     return config, extra
+
+
+def _called_by_text_generation_pipeline() -> bool:
+    """Whether the caller of `NVLM_D_Model.generate` (two frames up from here) is transformers' text-generation
+    pipeline. Looked up in `sys.modules` only: a process that never loaded the pipeline does not import it."""
+    pipelines = sys.modules.get("transformers.pipelines.text_generation")
+    if pipelines is None:
+        return False
+    caller = sys._getframe(2).f_locals.get("self")
+    return isinstance(caller, pipelines.TextGenerationPipeline)
+
+
+def _settings_streamer(extra: dict, streamer: Any) -> Any:
+    """The streamer to generate with: `streamer`, or the one the generation settings dict held (popped from `extra`,
+    which goes to `generate` as keywords beside `streamer=`, where two values for one keyword would collide)."""
+    in_settings = extra.pop("streamer", None)
+    if streamer is not None and in_settings is not None and streamer is not in_settings:
+        raise ValueError("Two streamers were given, one as streamer= and one in the generation settings: pass one")
+    return streamer if streamer is not None else in_settings
 
 
 def _positive_counts(name: str, counts: Any, allow_zero: bool = False) -> list[int]:
@@ -550,14 +571,78 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
             return False
         return not bool((input_ids == self.img_context_token_id).any())
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs) -> dict:
+    def prepare_inputs_for_generation(
+        self,
+        *args,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ) -> dict:
         """transformers' preparation, which passes `pixel_values` at prefill only; `visual_features` and
-        `image_flags` likewise (later steps read the image through the KV cache)."""
-        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        `image_flags` likewise (later steps read the image through the KV cache). `inputs_embeds` is named in the
+        signature because `generate` looks for it there before it accepts `generate(inputs_embeds=...)`."""
+        inputs = super().prepare_inputs_for_generation(
+            *args, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+        )
         if not is_first_iteration and kwargs.get("use_cache", True):
             inputs.pop("visual_features", None)
             inputs.pop("image_flags", None)
         return inputs
+
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.LongTensor | None = None,
+        **model_kwargs,
+    ) -> tuple[torch.LongTensor | None, dict[str, Any]]:
+        """transformers' expansion for beams and `num_return_sequences`, which repeats every tensor row by row: right
+        for inputs with one row per prompt, wrong for the images, which have one row per tile. `[t0, t1]` of a 2-tile
+        prompt would become `[t0, t0, t1, t1]`, and each copy of the prompt would read another copy's tiles. Here each
+        prompt's tiles are repeated as one group (`[t0, t1, t0, t1]`), so that every copy reads its own, in order."""
+        images = {name: model_kwargs.pop(name) for name in _PER_TILE_INPUTS if model_kwargs.get(name) is not None}
+        expanded_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        if images and expand_size > 1:
+            if input_ids is None:
+                raise ValueError("Images need input_ids, to find the <|vision_pad|> positions their features replace")
+            cache = model_kwargs.get("cache")
+            uncached = input_ids[:, cache.get_seq_length() :] if cache is not None else input_ids
+            images = self._repeat_tiles_per_prompt(uncached, images, expand_size)
+        model_kwargs.update(images)
+        return expanded_ids, model_kwargs
+
+    def _repeat_tiles_per_prompt(
+        self, input_ids: torch.LongTensor, images: dict[str, torch.Tensor], expand_size: int
+    ) -> dict[str, torch.Tensor]:
+        """`images` (per-tile tensors) with each prompt's tiles repeated `expand_size` times as a group. A prompt's
+        tiles are as many as its `<|vision_pad|>` tokens make tiles; `image_flags` first drops the padding tiles
+        (flag 0), which belong to no prompt, so the expanded images need no flags."""
+        flags = images.pop("image_flags", None)
+        if flags is not None:
+            real = flags.reshape(-1) == 1
+            for name, tiles in images.items():
+                if real.shape[0] != tiles.shape[0]:
+                    raise ValueError(f"image_flags has {real.shape[0]} entries but there are {tiles.shape[0]} tiles")
+                images[name] = tiles[real.to(tiles.device)]
+        tokens = (input_ids == self.img_context_token_id).sum(dim=1).tolist()
+        if any(count % self.num_image_token for count in tokens):
+            raise ValueError(
+                f"Each prompt's image tokens (id {self.img_context_token_id}) must be whole tiles of "
+                f"{self.num_image_token}; the prompts have {tokens}"
+            )
+        tiles_per_prompt = [count // self.num_image_token for count in tokens]
+        expanded = {}
+        for name, tiles in images.items():
+            if sum(tiles_per_prompt) != tiles.shape[0]:
+                raise ValueError(
+                    f"The prompts' image tokens make {sum(tiles_per_prompt)} tiles ({tiles_per_prompt} per prompt) but "
+                    f"{name} holds {tiles.shape[0]}; build the prompts with the same num_patches_list as the images."
+                )
+            groups = tiles.split(tiles_per_prompt)
+            expanded[name] = torch.cat([group for group in groups for _ in range(expand_size)])
+        return expanded
 
     def generate(
         self,
@@ -575,7 +660,15 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         `input_ids` and `attention_mask` may live on any device (they go to the embeddings' device); without an
         `attention_mask`, left padding (`<|endoftext|>`) is recognised, as in transformers' text models. Every
         `generate` keyword works: sampling, beams, `num_return_sequences`, `assistant_model`, stop strings,
-        streamers, `cache_implementation="static"`, `compile_config`, logits processors.
+        streamers, `cache_implementation="static"`, `compile_config`, logits processors. With beams or several
+        return sequences, every copy of a prompt reads that prompt's tiles.
+
+        Instead of `input_ids`, `inputs_embeds` [batch, tokens, hidden] may hold the prompt's embeddings with any image
+        features already merged in (then pass no images).
+
+        One caller gets whole sequences (prompt and new tokens): transformers' `pipeline("text-generation")`, which
+        cuts the prompt's length off what `generate` returns, as for every causal LM; given the new tokens only, it
+        would answer with empty strings.
         """
         if input_ids is None:
             if "inputs_embeds" not in generate_kwargs:
@@ -604,7 +697,7 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
             generation_config=generation_config,
             **generate_kwargs,
         )
-        prompt_length = input_ids.shape[1]
+        prompt_length = 0 if _called_by_text_generation_pipeline() else input_ids.shape[1]
         if isinstance(outputs, torch.Tensor):
             return outputs[:, prompt_length:]
         outputs.sequences = outputs.sequences[:, prompt_length:]
@@ -684,6 +777,7 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         rows = [tokenizer(p, return_tensors="pt").input_ids[0] for p in prompts]
         input_ids, attention_mask = _left_pad(rows, tokenizer.pad_token_id)
         config, extra = _chat_generation_config(generation_config, tokenizer)
+        streamer = _settings_streamer(extra, streamer)
         if _prefill_rows_apart(rows, config, extra):
             extra["cache"] = self._prefill_each_row(rows, pixel_values, visual_features)
             pixel_values = visual_features = None
@@ -942,9 +1036,11 @@ def _images_per_question(
 def _prefill_rows_apart(rows: list[torch.Tensor], config: GenerationConfig, extra: dict) -> bool:
     """Whether a batch's prompts are prefilled one by one (`_prefill_each_row`): when they differ in length, and
     generation keeps one row per prompt in a dynamic cache (beams, several sequences per prompt, a static cache,
-    assisted decoding or a cache of the caller's prefill the padded batch)."""
+    assisted decoding or a cache of the caller's prefill the padded batch). Without a cache (`use_cache=False`) every
+    step reruns the whole sequence, so there is no prefill to run apart."""
     return (
         len({len(row) for row in rows}) > 1
+        and config.use_cache is not False
         and (config.num_beams or 1) == 1
         and (config.num_return_sequences or 1) == 1
         and config.cache_implementation is None

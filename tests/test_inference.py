@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 from transformers import GenerationConfig, TextIteratorStreamer
+from transformers.generation.streamers import BaseStreamer
 
 from nvlm_d.conversation import build_prompt
 
@@ -149,6 +150,43 @@ def test_streamer_yields_exactly_the_returned_response(tiny_model, tokenizer):
     assert streamed.strip() == result["answer"]
 
 
+class RecordingStreamer(BaseStreamer):
+    """Keeps what generate streams: the prompt first, then the new tokens."""
+
+    def __init__(self) -> None:
+        self.chunks: list[list[int]] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.chunks.append(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.ended = True
+
+    def new_text(self, tokenizer) -> str:
+        new_tokens = [token for chunk in self.chunks[1:] for token in chunk]
+        return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+def test_a_streamer_in_the_settings_streams_the_answer_of_chat_batch_chat_and_a_session(tiny_model, tokenizer):
+    settings = {"max_new_tokens": 3, "do_sample": False}
+    streamers = [RecordingStreamer() for _ in range(3)]
+    answers = [
+        tiny_model.chat(tokenizer, None, "Hi", {**settings, "streamer": streamers[0]}),
+        tiny_model.batch_chat(tokenizer, None, ["Hi"], {**settings, "streamer": streamers[1]})[0],
+        tiny_model.start_chat(tokenizer, {**settings, "streamer": streamers[2]}).ask("Hi"),
+    ]
+    assert [streamer.new_text(tokenizer) for streamer in streamers] == answers
+    assert all(streamer.ended for streamer in streamers)
+
+
+def test_two_different_streamers_for_one_answer_are_rejected(tiny_model, tokenizer):
+    with pytest.raises(ValueError, match="Two streamers"):
+        tiny_model.chat(
+            tokenizer, None, "Hi", {"max_new_tokens": 2, "streamer": RecordingStreamer()}, streamer=RecordingStreamer()
+        )
+
+
 def test_batch_chat_answers_equal_separate_chat_answers(tiny_model, tokenizer):
     questions = ["Hello, who are you?", "Describe this picture in a few words, please.", "What is it?"]
     image_a, image_c = tiles(3, seed=4), tiles(1, seed=5)
@@ -206,6 +244,13 @@ def test_batch_chat_prefills_prompts_of_equal_length_and_beam_searches_as_one_pa
         hook.remove()
     assert equal_lengths[0][0] == 2 and equal_lengths[0][1] > 1
     assert shapes[0][0] == 4 and shapes[0][1] > 1  # 2 prompts x 2 beams, prefilled together
+
+
+def test_batch_chat_without_a_cache_answers_prompts_of_different_lengths_as_chat_does(tiny_model, tokenizer):
+    settings = {"max_new_tokens": 4, "do_sample": False, "use_cache": False}
+    questions = ["Hi?", "Tell me a story about the sea, please."]
+    separate = [tiny_model.chat(tokenizer, None, question, settings) for question in questions]
+    assert tiny_model.batch_chat(tokenizer, None, questions, settings) == separate
 
 
 def test_batch_chat_accepts_several_images_for_one_question(tiny_model, tokenizer):
