@@ -298,6 +298,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..processing_nvlm_d import NVLM_D_Processor
     from ..training.collator import DataCollator
+    from ..training.data import RecordError
     from ..training.trainer import build_trainer, latest_complete_checkpoint
 
     hf_logging.set_verbosity_warning()
@@ -322,7 +323,10 @@ def run(args: argparse.Namespace) -> int:
     resume = latest_complete_checkpoint(output)
     if resume is not None and trainer.is_world_process_zero():
         say(f"resuming from {resume}")
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except RecordError as exc:  # an image that changed after the up-front check; from a worker, named again
+        raise CLIError(exc.record_message()) from None
     if args.lora:
         trainer.save_model(str(output / "adapter"))
     else:
