@@ -19,7 +19,7 @@ from transformers import AutoModel, AutoTokenizer
 from nvlm_d.cli import main
 from nvlm_d.training.trainer import COMPLETE_MARKER
 
-pytest.importorskip("peft", reason="LoRA needs peft (pip install 'nvlm-d[train]')")
+pytest.importorskip("peft", reason="LoRA needs peft (pip install -e '.[train]')")
 
 OUTER_LIMIT_S = 1200  # generous: a busy 2-core machine; a run takes about a minute
 STEPS, SAVE_EVERY = 6, 2

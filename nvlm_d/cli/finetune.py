@@ -3,8 +3,8 @@
 One process: `nvlm-d finetune --model M --data D --output O [...]`. Several GPUs or machines: the same command under
 `torchrun --nproc-per-node 8 -m nvlm_d.cli finetune ...` (or `accelerate launch`), with `--deepspeed` or `--fsdp` to
 shard the model. Checkpoints go to OUTPUT/checkpoint-N; running the same command again resumes from the newest
-complete one (also after kill -9); running a finished run again does nothing and says so. The result is a plain NVLM-D model directory in OUTPUT (LoRA adapters merged;
-the adapter alone in OUTPUT/adapter).
+complete one (also after kill -9), and does nothing (and says so) once the run has finished. The result is a plain
+NVLM-D model directory in OUTPUT (LoRA adapters merged; the adapter alone in OUTPUT/adapter).
 """
 
 from __future__ import annotations
@@ -159,7 +159,9 @@ def _sharding_config(args: argparse.Namespace) -> dict[str, Any]:
         try:
             import deepspeed  # noqa: F401
         except ImportError:
-            raise CLIError("--deepspeed needs DeepSpeed: pip install 'nvlm-d[deepspeed]'") from None
+            raise CLIError(
+                "--deepspeed needs DeepSpeed: pip install deepspeed (or pip install -e '.[deepspeed]' in the clone)"
+            ) from None
         return {"deepspeed": str(config)}
     if args.fsdp is not None:
         config = FSDP2_CONFIG if args.fsdp == "fsdp2" else Path(args.fsdp)

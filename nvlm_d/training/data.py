@@ -222,9 +222,10 @@ class ConversationDataset(torch.utils.data.Dataset):
     """Training examples from a JSONL file of conversation records (see the module docstring).
 
     Every record is checked and tokenized, and every image decoded whole, when the dataset is built, so a bad record
-    (a missing, truncated or corrupt image included) is found before training starts. Each item holds `input_ids`, `labels` (LongTensor [tokens])
-    and `pixel_values` (float32 [tiles, 3, 448, 448]; 0 tiles for a text-only example), decoded when the item is
-    read, tiled as `processor.apply_chat_template` and `load_image(max_num=max_dynamic_patch)` tile.
+    (a missing, truncated or corrupt image included) is found before training starts. Each item holds `input_ids`,
+    `labels` (LongTensor [tokens]) and `pixel_values` (float32 [tiles, 3, 448, 448]; 0 tiles for a text-only
+    example), decoded again when the item is read, tiled as `processor.apply_chat_template` and
+    `load_image(max_num=max_dynamic_patch)` tile.
 
     Args:
         path: the JSONL file.
