@@ -5,6 +5,7 @@ run."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,6 +196,15 @@ def test_a_finished_run_run_again_is_a_no_op_that_says_so(tiny_checkpoint, conve
     assert "already holds this finished run: 2 steps (--max-steps 2); nothing to do" in again
     assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == checkpoints
     assert (tmp_path / "model.safetensors").read_bytes() == weights
+
+    # stopped while writing the model: run again, the model is written from the last checkpoint, nothing trained
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "finetune_run.json").unlink()
+    shutil.rmtree(tmp_path / "adapter")
+    assert "its model was not written: writing it now" in run_in_process(argv)
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == checkpoints
+    assert (tmp_path / "model.safetensors").read_bytes() == weights
+    assert "nothing to do" in run_in_process(argv)
 
 
 def run_in_process(argv: list[str]) -> str:

@@ -13,13 +13,14 @@ import argparse
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from .common import CLIError, one_line, positive_int, resolve_model, say
 
 PARTS = ("vision", "mlp1", "llm")
-# Written in --output once the model is saved: the step it is from and the length asked for (see `finished_run`).
+# Written in --output once the model is saved: the step it is from and the length asked for (see `training_done`).
 RUN_RECORD = "finetune_run.json"
 
 
@@ -312,6 +313,15 @@ def check_output(output: str, model_path: str) -> None:
         )
 
 
+def run_record(args: argparse.Namespace, global_step: int, mean_loss: float | None) -> dict[str, Any]:
+    return {
+        "global_step": global_step,
+        "max_steps": args.max_steps,
+        "epochs": args.epochs if args.max_steps is None else None,
+        "mean_loss_of_last_run": mean_loss,
+    }
+
+
 def write_run_record(output: Path, record: dict[str, Any]) -> None:
     """`RUN_RECORD` in `output`, written beside and renamed: it says which step the model in `output` is from."""
     temporary = output / (RUN_RECORD + ".tmp")
@@ -319,16 +329,13 @@ def write_run_record(output: Path, record: dict[str, Any]) -> None:
     os.replace(temporary, output / RUN_RECORD)
 
 
-def finished_run(output: Path, args: argparse.Namespace) -> dict[str, Any] | None:
-    """The record of the run in `output` when that run is finished for this command's --max-steps or --epochs (so
-    running it again would only train past its end), else None.
+def training_done(output: Path, args: argparse.Namespace) -> tuple[Path, dict[str, Any]] | None:
+    """When training in `output` is over for this command's --max-steps or --epochs (running it again would only
+    train past its end): the newest complete checkpoint and the run's record, which is empty when the model of that
+    step was never written (the run stopped while saving it). Else None.
 
     transformers' Trainer, resumed from the checkpoint of the last step, runs one more step when that step does not
     end an epoch; so whether anything is left to train is decided here, from the newest complete checkpoint.
-
-    Raises:
-        CLIError: training reached its end but the model of that step was never written (the run stopped while
-            saving it): the checkpoint holds the weights.
     """
     from ..training.trainer import latest_complete_checkpoint
 
@@ -344,12 +351,28 @@ def finished_run(output: Path, args: argparse.Namespace) -> dict[str, Any] | Non
         done = record.get("global_step") == step and record.get("epochs") == args.epochs
     if not done:
         return None
-    if record.get("global_step") != step:
-        raise CLIError(
-            f"{latest} already holds the {step} steps asked for, but the run stopped before writing its model to "
-            f"{output}; the trained weights are in {latest}. To train further, raise --max-steps"
-        )
-    return record
+    return latest, record if record.get("global_step") == step else {}
+
+
+def export_checkpoint(checkpoint: Path, args: argparse.Namespace, model_path: str, dtype: Any, tokenizer: Any) -> None:
+    """Write the model of a finished run from its last checkpoint, as the end of a run does: the adapter (merged
+    unless --no-merge) with LoRA, else the whole model, with the tokenizer and processor."""
+    from ..modeling_nvlm_d import NVLM_D_Model
+    from ..processing_nvlm_d import NVLM_D_Processor
+
+    output = Path(args.output)
+    if args.lora:
+        adapter = output / "adapter"
+        adapter.mkdir(parents=True, exist_ok=True)
+        for file in checkpoint.glob("adapter_*"):
+            shutil.copy2(file, adapter / file.name)
+        if not args.no_merge:
+            merge_adapter(model_path, adapter, output, dtype, tokenizer)
+        return
+    model = NVLM_D_Model.from_pretrained(checkpoint, dtype=dtype)
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    NVLM_D_Processor.from_model_config(model.config, tokenizer).save_pretrained(output)
 
 
 def _summary(steps_before: int, global_step: int, mean_loss: float) -> str:
@@ -365,11 +388,11 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_model(args.model)
     check_output(args.output, source.path)
     output = Path(args.output)
-    record = finished_run(output, args)
-    if record is not None:
+    done = training_done(output, args)
+    if done is not None and done[1]:
         length = f"--max-steps {args.max_steps}" if args.max_steps is not None else f"--epochs {args.epochs:g}"
         say(
-            f"{output} already holds this finished run: {record['global_step']} steps ({length}); nothing to do. "
+            f"{output} already holds this finished run: {done[1]['global_step']} steps ({length}); nothing to do. "
             "Raise --max-steps (or --epochs) to train further, or choose a new --output to start over"
         )
         return 0
@@ -390,16 +413,26 @@ def run(args: argparse.Namespace) -> int:
     from ..training.trainer import build_trainer, latest_complete_checkpoint
 
     hf_logging.set_verbosity_warning()
+    cuda = torch.cuda.is_available()
+    bf16 = (args.dtype or ("bf16" if cuda else "fp32")) == "bf16"
+    # LoRA keeps the frozen base in bf16; full fine-tuning keeps float32 master weights and computes in bf16.
+    load_dtype = torch.bfloat16 if bf16 and args.lora else torch.float32
+    if done is not None:  # trained to the end, but stopped while writing the model: write it, do not train
+        checkpoint = done[0]
+        if int(os.environ.get("RANK", "0")) == 0:
+            say(f"training ended at {checkpoint}, but its model was not written: writing it now")
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+            export_checkpoint(checkpoint, args, model_path, load_dtype, tokenizer)
+            step = int(checkpoint.name.removeprefix("checkpoint-"))
+            write_run_record(output, run_record(args, step, None))
+            say(f"model of step {step} in {output}" + (f", adapter in {output / 'adapter'}" if args.lora else ""))
+        return 0
     # The data is checked first: a bad record is reported in seconds, not after minutes of loading the model.
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     config = NVLM_D_Config.from_pretrained(model_path)
     train_dataset, eval_dataset = build_datasets(args, tokenizer, config)
     set_seed(args.seed)  # before the adapters are created: their initial weights come from this seed
-    cuda = torch.cuda.is_available()
-    bf16 = (args.dtype or ("bf16" if cuda else "fp32")) == "bf16"
     training_args = training_arguments(args, cuda, bf16)
-    # LoRA keeps the frozen base in bf16; full fine-tuning keeps float32 master weights and computes in bf16.
-    load_dtype = torch.bfloat16 if bf16 and args.lora else torch.float32
     model = prepare_model(load_model(model_path, args, load_dtype), args)
     trainer = build_trainer(
         model,
@@ -428,15 +461,7 @@ def run(args: argparse.Namespace) -> int:
             tokenizer.save_pretrained(output)
             NVLM_D_Processor.from_model_config(trainer.model.config, tokenizer).save_pretrained(output)
         trained = result.global_step > steps_before
-        write_run_record(
-            output,
-            {
-                "global_step": result.global_step,
-                "max_steps": args.max_steps,
-                "epochs": args.epochs if args.max_steps is None else None,
-                "mean_loss_of_last_run": result.training_loss if trained else None,
-            },
-        )
+        write_run_record(output, run_record(args, result.global_step, result.training_loss if trained else None))
         say(
             f"{_summary(steps_before, result.global_step, result.training_loss)}; model in {output}"
             + (f", adapter in {output / 'adapter'}" if args.lora else "")
