@@ -352,6 +352,81 @@ def test_interactive_chat_keeps_history_attaches_images_resets_and_quits(
     assert "image 1 added" in stderr and "conversation cleared" in stderr
 
 
+class ChatProcess:
+    """`nvlm-d chat` in a subprocess driven through pipes: questions in, streamed answers and status lines out."""
+
+    def __init__(self, command: list[str], env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        )
+        self.stderr_lines: list[str] = []
+        self._new_stderr = threading.Condition()
+        threading.Thread(target=self._collect_stderr, daemon=True).start()
+
+    def _collect_stderr(self) -> None:
+        for line in self.process.stderr:
+            with self._new_stderr:
+                self.stderr_lines.append(line.decode())
+                self._new_stderr.notify_all()
+        with self._new_stderr:
+            self.stderr_lines.append("")  # end of stderr
+            self._new_stderr.notify_all()
+
+    def ask(self, question: str) -> None:
+        self.process.stdin.write(question.encode() + b"\n")
+        self.process.stdin.flush()
+
+    def read_stdout(self, until_newline: bool) -> bytes:
+        """The next bytes the answer streams (blocks until some come), or everything up to its closing newline."""
+        read = os.read(self.process.stdout.fileno(), 65536)
+        while until_newline and read and not read.endswith(b"\n"):
+            read += os.read(self.process.stdout.fileno(), 65536)
+        return read
+
+    def wait_for_notes(self, text: str, count: int) -> None:
+        """Until stderr holds `count` lines with `text` (or ends)."""
+
+        def seen() -> int:
+            return sum(text in line for line in self.stderr_lines)
+
+        with self._new_stderr:
+            self._new_stderr.wait_for(lambda: seen() >= count or "" in self.stderr_lines, timeout=OUTER_LIMIT_S)
+            assert seen() >= count, "".join(self.stderr_lines)[-4000:]
+
+    def interrupt_the_answer(self, question: str, notes_so_far: int) -> str:
+        """Ask, wait for the answer to start streaming, press Ctrl-C, wait for the note; the answer as printed."""
+        self.ask(question)
+        printed = self.read_stdout(until_newline=False)
+        self.process.send_signal(signal.SIGINT)
+        self.wait_for_notes("answer stopped by Ctrl-C", notes_so_far + 1)
+        if not printed.endswith(b"\n"):
+            printed += self.read_stdout(until_newline=True)
+        return printed.decode().removesuffix("\n")
+
+
+def test_ctrl_c_stops_a_streaming_answer_and_the_session_goes_on_with_it(
+    tiny_checkpoint, tiny_model, tokenizer, cli_env
+):
+    """The answers are long (2,000 tokens at most): Ctrl-C comes while they stream. The stopped answer stays in the
+    conversation as printed: the next answer is `chat`'s with that turn in its history."""
+    chat = ChatProcess(cli_command("chat", "--model", tiny_checkpoint, "--max-new-tokens", "2000"), cli_env)
+    try:
+        first = chat.interrupt_the_answer("Hello, who are you?", notes_so_far=0)
+        second = chat.interrupt_the_answer("Tell me more.", notes_so_far=1)
+        chat.ask("/quit")
+        chat.process.stdin.close()
+        assert chat.process.wait(timeout=OUTER_LIMIT_S) == 0, "".join(chat.stderr_lines)[-4000:]
+    finally:
+        chat.process.kill()
+    stderr = "".join(chat.stderr_lines)
+    assert "Traceback" not in stderr and stderr.count("answer stopped by Ctrl-C") == 2
+    assert 0 < len(tokenizer(first).input_ids) < 2000 and second
+    history = [("Hello, who are you?", first)]
+    settings = {"max_new_tokens": len(tokenizer(second).input_ids) + 4, "do_sample": False}
+    expected = tiny_model.chat(tokenizer, None, "Tell me more.", settings, history=history)
+    assert expected.startswith(second.rstrip("\ufffd"))  # a character cut in the middle shows as U+FFFD
+
+
 GREEDY8 = {"max_new_tokens": 8, "do_sample": False}
 
 

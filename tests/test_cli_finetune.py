@@ -5,6 +5,7 @@ run."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from transformers import AutoModel, AutoTokenizer
 from nvlm_d.cli import main
 from nvlm_d.training.trainer import COMPLETE_MARKER
 
-pytest.importorskip("peft", reason="LoRA needs peft (pip install 'nvlm-d[train]')")
+pytest.importorskip("peft", reason="LoRA needs peft (pip install -e '.[train]')")
 
 OUTER_LIMIT_S = 1200  # generous: a busy 2-core machine; a run takes about a minute
 STEPS, SAVE_EVERY = 6, 2
@@ -147,3 +148,72 @@ def test_a_missing_data_file_is_named(tiny_checkpoint, tmp_path, capsys):
     missing = tmp_path / "none.jsonl"
     assert main(["finetune", f"--model={tiny_checkpoint}", f"--data={missing}", f"--output={tmp_path}"]) == 2
     assert f"--data {missing}: no such file" in capsys.readouterr().err
+
+
+def refuse_to_load_the_model(monkeypatch) -> None:
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("nvlm_d.cli.finetune.load_model", load_model)
+
+
+@pytest.mark.parametrize("where", ["the model", "inside it", "holding it"])
+def test_an_output_that_is_inside_or_holds_the_model_is_refused(tiny_checkpoint, records, tmp_path, capsys, where):
+    model = tiny_checkpoint
+    if where == "holding it":  # a model that is a checkpoint-N folder of --output would be rotated away
+        model = tmp_path / "checkpoint-500"
+        model.symlink_to(tiny_checkpoint, target_is_directory=True)
+        output = tmp_path
+    else:
+        output = tiny_checkpoint if where == "the model" else tiny_checkpoint / "tuned"
+    before = sorted(path.name for path in tiny_checkpoint.iterdir())
+    assert main(["finetune", f"--model={model}", f"--data={records}", f"--output={output}", "--lora=4"]) == 2
+    assert "Choose a folder of its own" in capsys.readouterr().err
+    assert sorted(path.name for path in tiny_checkpoint.iterdir()) == before
+
+
+def test_the_data_is_checked_before_the_model_is_loaded(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    data = write_conversations(tmp_path, [CONVERSATIONS[0], {"image": "gone.png", "conversations": []}])
+    refuse_to_load_the_model(monkeypatch)
+    assert main(["finetune", f"--model={tiny_checkpoint}", f"--data={data}", f"--output={tmp_path / 'out'}"]) == 2
+    assert "train.jsonl:2" in capsys.readouterr().err
+
+
+def test_a_finished_run_run_again_is_a_no_op_that_says_so(tiny_checkpoint, conversations_file, tmp_path, monkeypatch):
+    """Two steps of a four-step epoch: resumed from its last checkpoint, the Trainer would run a third."""
+    argv = [
+        "finetune", f"--model={tiny_checkpoint}", f"--data={conversations_file}", f"--output={tmp_path}",
+        "--lora=4", "--max-steps=2", "--save-steps=1", "--workers=0", "--max-tiles=1", "--seed=7",
+    ]  # fmt: skip
+    summary = run_in_process(argv)
+    assert "trained 2 steps, mean training loss " in summary
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    checkpoints = sorted(path.name for path in tmp_path.glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-1", "checkpoint-2"]
+
+    refuse_to_load_the_model(monkeypatch)
+    again = run_in_process(argv)
+    assert "already holds this finished run: 2 steps (--max-steps 2); nothing to do" in again
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == checkpoints
+    assert (tmp_path / "model.safetensors").read_bytes() == weights
+
+    # stopped while writing the model: run again, the model is written from the last checkpoint, nothing trained
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "finetune_run.json").unlink()
+    shutil.rmtree(tmp_path / "adapter")
+    assert "its model was not written: writing it now" in run_in_process(argv)
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == checkpoints
+    assert (tmp_path / "model.safetensors").read_bytes() == weights
+    assert "nothing to do" in run_in_process(argv)
+
+
+def run_in_process(argv: list[str]) -> str:
+    """`nvlm-d ARGV` in this process (no launcher); its status lines (stderr), which must say it succeeded."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    assert code == 0, err.getvalue()[-4000:]
+    return err.getvalue()

@@ -4,6 +4,7 @@ tiled as `load_image` tiles them, and bad records either stopped with their line
 from __future__ import annotations
 
 import json
+import re
 import logging
 
 import pytest
@@ -165,3 +166,50 @@ def test_bad_settings_are_refused(conversations_file, tokenizer, config):
         ConversationDataset(conversations_file, tokenizer, config, bad_records="ignore")
     with pytest.raises(FileNotFoundError, match="nothing.jsonl"):
         ConversationDataset(conversations_file.parent / "nothing.jsonl", tokenizer, config)
+
+
+def write_truncated_jpeg(path) -> None:
+    """A JPEG cut after half its bytes: its header (and size) read fine, its pixels do not decode."""
+    import io
+
+    from PIL import Image
+
+    noise = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    encoded = io.BytesIO()
+    Image.fromarray(noise.numpy()).save(encoded, format="JPEG")  # noise: the pixel data is most of the file
+    path.write_bytes(encoded.getvalue()[: len(encoded.getvalue()) // 2])
+    with Image.open(path) as image:
+        assert image.size == (64, 64)  # the header is whole
+
+
+def truncated_image_records(tmp_path):
+    write_truncated_jpeg(tmp_path / "cut.jpg")
+    record = {"image": "cut.jpg", "conversations": CONVERSATIONS[0]["conversations"]}
+    return write_conversations(tmp_path, [CONVERSATIONS[0], record, CONVERSATIONS[1]])
+
+
+def test_a_truncated_jpeg_stops_before_training_with_its_line(tmp_path, tokenizer, config):
+    path = truncated_image_records(tmp_path)
+    with pytest.raises(RecordError, match=r"train\.jsonl:2: cannot read image .*cut\.jpg"):
+        ConversationDataset(path, tokenizer, config)
+
+
+def test_a_truncated_jpeg_is_skipped_and_counted_with_bad_records_skip(tmp_path, tokenizer, config, caplog):
+    path = truncated_image_records(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        dataset = ConversationDataset(path, tokenizer, config, bad_records="skip")
+    assert [example.line for example in dataset.examples] == [1, 3]
+    assert dataset.skipped == {"bad record": 1}
+    assert "train.jsonl:2" in caplog.text
+    for index in range(len(dataset)):  # every item that is left loads
+        dataset[index]
+
+
+def test_an_image_broken_after_the_check_is_named_also_through_dataloader_workers(tmp_path, tokenizer, config):
+    dataset = ConversationDataset(write_conversations(tmp_path), tokenizer, config)
+    write_truncated_jpeg(tmp_path / "blue.png")  # lines 3 and 4 use it
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1)
+    with pytest.raises(RecordError) as raised:
+        list(loader)
+    assert "worker" in str(raised.value)  # torch re-made it around the worker's traceback
+    assert re.fullmatch(r".*train\.jsonl:3: cannot load its images: .*", raised.value.record_message())

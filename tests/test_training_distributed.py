@@ -59,7 +59,7 @@ def test_fsdp2_gradients_equal_those_of_one_process(tmp_path, tiny_checkpoint, c
 def test_deepspeed_zero3_builds_the_model_partitioned_and_trains_two_steps(
     tmp_path, tiny_checkpoint, conversations_file
 ):
-    pytest.importorskip("deepspeed", reason="needs DeepSpeed (pip install 'nvlm-d[deepspeed]')")
+    pytest.importorskip("deepspeed", reason="needs DeepSpeed (pip install -e '.[deepspeed]')")
     report = run_report(tmp_path, "zero3_steps.py", tiny_checkpoint, conversations_file)
     assert report["partitioned_at_load"]
     assert len(report["losses"]) == 2 and all(loss == loss for loss in report["losses"])

@@ -15,7 +15,7 @@ from nvlm_d import NVLM_D_Model
 from nvlm_d.tiny import build_tiny_model
 from nvlm_d.training import ConversationDataset, DataCollator, apply_lora, freeze, merge_lora, save_merged
 
-peft = pytest.importorskip("peft", reason="LoRA needs peft (pip install 'nvlm-d[train]')")
+peft = pytest.importorskip("peft", reason="LoRA needs peft (pip install -e '.[train]')")
 
 
 @pytest.fixture(scope="module")

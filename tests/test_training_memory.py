@@ -8,7 +8,7 @@ from nvlm_d.device_map import build_meta_model
 from nvlm_d.tiny import build_tiny_model, tiny_config
 from nvlm_d.training.memory import TRAINED_STATE_BYTES, lora_parameters, training_memory
 
-peft = pytest.importorskip("peft", reason="LoRA needs peft (pip install 'nvlm-d[train]')")
+peft = pytest.importorskip("peft", reason="LoRA needs peft (pip install -e '.[train]')")
 
 
 @pytest.fixture(scope="module")

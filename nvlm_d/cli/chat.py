@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from .common import (
@@ -60,8 +64,55 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 _CHAT_HELP = (
     "type a question and press Enter. /image PATH adds an image to your next question, "
-    "/reset starts a new conversation, /quit (or Ctrl-D) ends."
+    "/reset starts a new conversation, /quit (or Ctrl-D) ends; Ctrl-C stops an answer."
 )
+_STOPPED = (
+    "(answer stopped by Ctrl-C; the question and the answer as far as shown stay in the conversation, "
+    "/reset starts a new one)"
+)
+
+
+class _StopWhenSet:
+    """A stopping criterion (transformers' `StoppingCriteria` protocol) that ends generation once `event` is set:
+    Ctrl-C sets it from the main thread while `generate` runs in another, which then ends cleanly after its step,
+    its streamer closed and the session's cache consistent."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+@contextlib.contextmanager
+def _ctrl_c_sets(event: threading.Event) -> Iterator[None]:
+    """While the block runs, Ctrl-C (SIGINT) sets `event` instead of raising KeyboardInterrupt: raised in the main
+    thread, that would leave the generating thread running while the interpreter shuts down (the process then aborts,
+    exit 134). A second Ctrl-C, while the answer is still stopping, exits at once."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        if event.is_set():
+            say(f"{PROG}: interrupted")
+            os._exit(130)  # no interpreter shutdown under a running generation thread
+        event.set()
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stoppable(generation_config: dict, stop: threading.Event) -> dict:
+    """`generation_config` with a stopping criterion that `stop` triggers (chat and sessions pass it to generate)."""
+    from transformers import StoppingCriteriaList
+
+    return {**generation_config, "stopping_criteria": StoppingCriteriaList([_StopWhenSet(stop)])}
 
 
 def _run_chat(args: argparse.Namespace) -> int:
@@ -83,14 +134,19 @@ def _run_chat(args: argparse.Namespace) -> int:
 
     pixel_values, num_patches_list = stack_images(images)
     if sys.stdout.isatty():  # a person is watching: show the tokens as they come
+        stop = threading.Event()
+        settings = _stoppable(generation_config, stop)
 
         def answer(streamer: Any) -> str:
             return model.chat(
-                tokenizer, pixel_values, question, generation_config, num_patches_list=num_patches_list,
-                streamer=streamer,
-            )  # fmt: skip
+                tokenizer, pixel_values, question, settings, num_patches_list=num_patches_list, streamer=streamer
+            )
 
-        stream_answer(tokenizer, answer)
+        with _ctrl_c_sets(stop):
+            stream_answer(tokenizer, answer)
+        if stop.is_set():
+            say(f"{PROG}: interrupted")
+            return 130
     else:
         answer = model.chat(tokenizer, pixel_values, question, generation_config, num_patches_list=num_patches_list)
         print(answer, flush=True)
@@ -117,8 +173,13 @@ def _interactive_chat(
     cache of the turns before it, and each image goes through the vision tower once, in the turn it comes with.
     The answers are those of `chat(history=...)` with all the conversation's images (earlier questions keep their
     `<image>` markers, so a follow-up can refer to them).
+
+    Ctrl-C while an answer streams stops it after the current token; the turn stays in the conversation as it was
+    shown (the question and the answer so far, which is what the next turn's prompt and the KV cache hold), and the
+    session goes on.
     """
-    session = model.start_chat(tokenizer, generation_config)
+    stop = threading.Event()
+    session = model.start_chat(tokenizer, _stoppable(generation_config, stop))
     in_conversation = 0  # images already in the conversation
     pending: list[TiledImage] = list(initial_images)  # added for the next question
     say(f"{PROG} chat: {_CHAT_HELP}")
@@ -169,11 +230,13 @@ def _interactive_chat(
             say(f"{PROG}: error: {exc}")
             continue
         pixel_values, num_patches_list = stack_images(pending)
+        stop.clear()
         try:
-            stream_answer(
-                tokenizer,
-                lambda streamer: session.ask(question, pixel_values, num_patches_list, streamer=streamer),
-            )
+            with _ctrl_c_sets(stop):
+                stream_answer(
+                    tokenizer,
+                    lambda streamer: session.ask(question, pixel_values, num_patches_list, streamer=streamer),
+                )
         except ValueError as exc:  # the conversation outgrew the session's token limit
             say(f"{PROG}: error: {one_line(exc)} (type /reset to start a new conversation)")
             continue
@@ -181,4 +244,6 @@ def _interactive_chat(
             say(f"{PROG}: error: {type(exc).__name__}: {one_line(exc)}")
             continue
         in_conversation, pending = in_conversation + len(pending), []
+        if stop.is_set():
+            say(_STOPPED)
     return 0

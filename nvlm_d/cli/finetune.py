@@ -3,21 +3,25 @@
 One process: `nvlm-d finetune --model M --data D --output O [...]`. Several GPUs or machines: the same command under
 `torchrun --nproc-per-node 8 -m nvlm_d.cli finetune ...` (or `accelerate launch`), with `--deepspeed` or `--fsdp` to
 shard the model. Checkpoints go to OUTPUT/checkpoint-N; running the same command again resumes from the newest
-complete one (also after kill -9). The result is a plain NVLM-D model directory in OUTPUT (LoRA adapters merged;
-the adapter alone in OUTPUT/adapter).
+complete one (also after kill -9), and does nothing (and says so) once the run has finished. The result is a plain
+NVLM-D model directory in OUTPUT (LoRA adapters merged; the adapter alone in OUTPUT/adapter).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from .common import CLIError, one_line, positive_int, resolve_model, say
 
 PARTS = ("vision", "mlp1", "llm")
+# Written in --output once the model is saved: the step it is from and the length asked for (see `training_done`).
+RUN_RECORD = "finetune_run.json"
 
 
 def _parts(text: str) -> list[str]:
@@ -156,7 +160,9 @@ def _sharding_config(args: argparse.Namespace) -> dict[str, Any]:
         try:
             import deepspeed  # noqa: F401
         except ImportError:
-            raise CLIError("--deepspeed needs DeepSpeed: pip install 'nvlm-d[deepspeed]'") from None
+            raise CLIError(
+                "--deepspeed needs DeepSpeed: pip install deepspeed (or pip install -e '.[deepspeed]' in the clone)"
+            ) from None
         return {"deepspeed": str(config)}
     if args.fsdp is not None:
         config = FSDP2_CONFIG if args.fsdp == "fsdp2" else Path(args.fsdp)
@@ -283,9 +289,113 @@ def merge_adapter(model_path: str, adapter_dir: Path, output_dir: Path, dtype: A
     save_merged(adapted, output_dir, tokenizer=tokenizer, processor=processor)
 
 
+def check_output(output: str, model_path: str) -> None:
+    """Refuse an --output that is the model directory, lies inside it or holds it: the fine-tuned weights would
+    overwrite the base model's, and checkpoint rotation deletes `checkpoint-N` folders of --output (the base model,
+    if it is one of them)."""
+    model = Path(model_path).expanduser()
+    if not model.is_dir():  # a Hub id: its files live in the Hub cache
+        return
+    out = Path(output).expanduser()
+    named = (Path(os.path.abspath(out)), Path(os.path.abspath(model)))
+    for out_dir, model_dir in (named, (out.resolve(), model.resolve())):  # as named, then with links followed
+        if out_dir == model_dir:
+            problem = "is the model directory"
+        elif model_dir in out_dir.parents:
+            problem = f"is inside the model directory {model}"
+        elif out_dir in model_dir.parents:
+            problem = f"holds the model directory {model}"
+        else:
+            continue
+        raise CLIError(
+            f"--output {output} {problem}: the fine-tuned model would be written over (or beside) the base model's "
+            "files. Choose a folder of its own"
+        )
+
+
+def run_record(args: argparse.Namespace, global_step: int, mean_loss: float | None) -> dict[str, Any]:
+    return {
+        "global_step": global_step,
+        "max_steps": args.max_steps,
+        "epochs": args.epochs if args.max_steps is None else None,
+        "mean_loss_of_last_run": mean_loss,
+    }
+
+
+def write_run_record(output: Path, record: dict[str, Any]) -> None:
+    """`RUN_RECORD` in `output`, written beside and renamed: it says which step the model in `output` is from."""
+    temporary = output / (RUN_RECORD + ".tmp")
+    temporary.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(temporary, output / RUN_RECORD)
+
+
+def training_done(output: Path, args: argparse.Namespace) -> tuple[Path, dict[str, Any]] | None:
+    """When training in `output` is over for this command's --max-steps or --epochs (running it again would only
+    train past its end): the newest complete checkpoint and the run's record, which is empty when the model of that
+    step was never written (the run stopped while saving it). Else None.
+
+    transformers' Trainer, resumed from the checkpoint of the last step, runs one more step when that step does not
+    end an epoch; so whether anything is left to train is decided here, from the newest complete checkpoint.
+    """
+    from ..training.trainer import latest_complete_checkpoint
+
+    latest = latest_complete_checkpoint(output)
+    if latest is None:
+        return None
+    step = int(latest.name.removeprefix("checkpoint-"))
+    record_path = output / RUN_RECORD
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if args.max_steps is not None:
+        done = step >= args.max_steps
+    else:  # the steps of N epochs depend on the data, the batch and the world size: the record knows them
+        done = record.get("global_step") == step and record.get("epochs") == args.epochs
+    if not done:
+        return None
+    return latest, record if record.get("global_step") == step else {}
+
+
+def export_checkpoint(checkpoint: Path, args: argparse.Namespace, model_path: str, dtype: Any, tokenizer: Any) -> None:
+    """Write the model of a finished run from its last checkpoint, as the end of a run does: the adapter (merged
+    unless --no-merge) with LoRA, else the whole model, with the tokenizer and processor."""
+    from ..modeling_nvlm_d import NVLM_D_Model
+    from ..processing_nvlm_d import NVLM_D_Processor
+
+    output = Path(args.output)
+    if args.lora:
+        adapter = output / "adapter"
+        adapter.mkdir(parents=True, exist_ok=True)
+        for file in checkpoint.glob("adapter_*"):
+            shutil.copy2(file, adapter / file.name)
+        if not args.no_merge:
+            merge_adapter(model_path, adapter, output, dtype, tokenizer)
+        return
+    model = NVLM_D_Model.from_pretrained(checkpoint, dtype=dtype)
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    NVLM_D_Processor.from_model_config(model.config, tokenizer).save_pretrained(output)
+
+
+def _summary(steps_before: int, global_step: int, mean_loss: float) -> str:
+    if global_step == steps_before:
+        return f"no steps left to train (step {global_step} was the last)"
+    if steps_before:
+        return f"trained steps {steps_before + 1}-{global_step}, mean training loss of these steps {mean_loss:.4f}"
+    return f"trained {global_step} steps, mean training loss {mean_loss:.4f}"
+
+
 def run(args: argparse.Namespace) -> int:
     _check(args)
     source = resolve_model(args.model)
+    check_output(args.output, source.path)
+    output = Path(args.output)
+    done = training_done(output, args)
+    if done is not None and done[1]:
+        length = f"--max-steps {args.max_steps}" if args.max_steps is not None else f"--epochs {args.epochs:g}"
+        say(
+            f"{output} already holds this finished run: {done[1]['global_step']} steps ({length}); nothing to do. "
+            "Raise --max-steps (or --epochs) to train further, or choose a new --output to start over"
+        )
+        return 0
     if source.local_files_only:  # a cached Hub model and no Hub: every load in this run reads the cache only
         from huggingface_hub import constants
 
@@ -296,33 +406,49 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer, set_seed
     from transformers.utils import logging as hf_logging
 
+    from ..configuration_nvlm_d import NVLM_D_Config
     from ..processing_nvlm_d import NVLM_D_Processor
     from ..training.collator import DataCollator
+    from ..training.data import RecordError
     from ..training.trainer import build_trainer, latest_complete_checkpoint
 
     hf_logging.set_verbosity_warning()
-    set_seed(args.seed)  # before the adapters are created: their initial weights come from this seed
     cuda = torch.cuda.is_available()
     bf16 = (args.dtype or ("bf16" if cuda else "fp32")) == "bf16"
-    training_args = training_arguments(args, cuda, bf16)
     # LoRA keeps the frozen base in bf16; full fine-tuning keeps float32 master weights and computes in bf16.
     load_dtype = torch.bfloat16 if bf16 and args.lora else torch.float32
+    if done is not None:  # trained to the end, but stopped while writing the model: write it, do not train
+        checkpoint = done[0]
+        if int(os.environ.get("RANK", "0")) == 0:
+            say(f"training ended at {checkpoint}, but its model was not written: writing it now")
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+            export_checkpoint(checkpoint, args, model_path, load_dtype, tokenizer)
+            step = int(checkpoint.name.removeprefix("checkpoint-"))
+            write_run_record(output, run_record(args, step, None))
+            say(f"model of step {step} in {output}" + (f", adapter in {output / 'adapter'}" if args.lora else ""))
+        return 0
+    # The data is checked first: a bad record is reported in seconds, not after minutes of loading the model.
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = load_model(model_path, args, load_dtype)
-    train_dataset, eval_dataset = build_datasets(args, tokenizer, model.config)
-    model = prepare_model(model, args)
+    config = NVLM_D_Config.from_pretrained(model_path)
+    train_dataset, eval_dataset = build_datasets(args, tokenizer, config)
+    set_seed(args.seed)  # before the adapters are created: their initial weights come from this seed
+    training_args = training_arguments(args, cuda, bf16)
+    model = prepare_model(load_model(model_path, args, load_dtype), args)
     trainer = build_trainer(
         model,
         training_args,
         train_dataset,
-        DataCollator(tokenizer.pad_token_id, model.config.force_image_size),
+        DataCollator(tokenizer.pad_token_id, config.force_image_size),
         eval_dataset=eval_dataset,
     )
-    output = Path(args.output)
     resume = latest_complete_checkpoint(output)
     if resume is not None and trainer.is_world_process_zero():
         say(f"resuming from {resume}")
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    steps_before = int(resume.name.removeprefix("checkpoint-")) if resume is not None else 0
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except RecordError as exc:  # an image that changed after the up-front check; from a worker, named again
+        raise CLIError(exc.record_message()) from None
     if args.lora:
         trainer.save_model(str(output / "adapter"))
     else:
@@ -334,9 +460,11 @@ def run(args: argparse.Namespace) -> int:
         elif not args.lora:
             tokenizer.save_pretrained(output)
             NVLM_D_Processor.from_model_config(trainer.model.config, tokenizer).save_pretrained(output)
+        trained = result.global_step > steps_before
+        write_run_record(output, run_record(args, result.global_step, result.training_loss if trained else None))
         say(
-            f"trained {result.global_step} steps, final loss {result.training_loss:.4f}; "
-            f"model in {output}" + (f", adapter in {output / 'adapter'}" if args.lora else "")
+            f"{_summary(steps_before, result.global_step, result.training_loss)}; model in {output}"
+            + (f", adapter in {output / 'adapter'}" if args.lora else "")
         )
     trainer.accelerator.wait_for_everyone()
     return 0

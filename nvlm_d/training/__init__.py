@@ -2,8 +2,8 @@
 LoRA/QLoRA with peft, and transformers' Trainer with checkpoints that survive kill -9.
 
 `nvlm-d finetune` puts these together; docs/finetuning.md describes the data format, the commands for one GPU to
-several machines, and the memory each recipe needs. peft (LoRA) and DeepSpeed are optional: `pip install
-'nvlm-d[train]'` or `'nvlm-d[deepspeed]'`.
+several machines, and the memory each recipe needs. peft (LoRA) and DeepSpeed are optional: in a clone of
+the repository, `pip install -e ".[train]"` or `-e ".[deepspeed]"` (the package is not on PyPI).
 """
 
 from .collator import DataCollator, PackedDataset, pack_lengths

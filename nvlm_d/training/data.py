@@ -22,7 +22,8 @@ import dataclasses
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,18 @@ BAD_RECORD_POLICIES = ("error", "skip")
 
 
 class RecordError(ValueError):
-    """A record that cannot become a training example; the message names the file and line."""
+    """A record that cannot become a training example; the message names the file and line.
+
+    Raised in a DataLoader worker process, it reaches the main process re-made around the worker's whole traceback
+    text (torch's way of passing worker errors on); `record_message()` gives the original one-line message back.
+    """
+
+    def record_message(self) -> str:
+        text = str(self)
+        marker = f"{type(self).__name__}: "
+        if "Original Traceback" not in text or marker not in text:
+            return text
+        return text[text.rindex(marker) + len(marker) :].strip()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,16 +153,26 @@ def _image_paths(value: Any, where: str, image_folder: Path) -> list[Path]:
     return paths
 
 
-def image_size(path: Path, where: str) -> tuple[int, int]:
-    """(width, height) from the file's header, without decoding the pixels."""
+def decode_image(path: Path) -> tuple[int, int] | str:
+    """(width, height) of an image file whose pixels all decode, or why they do not (a truncated JPEG has a valid
+    header: only decoding every pixel finds it)."""
     try:
         with Image.open(path) as image:
+            image.load()
             width, height = image.size
-    except (OSError, Image.DecompressionBombError, ValueError) as exc:
-        raise RecordError(f"{where}: cannot read image {path}: {exc}") from None
+    except (OSError, EOFError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return f"cannot read image {path}: {exc}"
     if width < 1 or height < 1:
-        raise RecordError(f"{where}: image {path} has no pixels ({width}x{height})")
+        return f"image {path} has no pixels ({width}x{height})"
     return width, height
+
+
+def decode_images(paths: Iterable[Path]) -> dict[Path, tuple[int, int] | str]:
+    """`decode_image` of every path, in threads (PIL releases the GIL while it decodes)."""
+    unique = sorted(set(paths))
+    workers = max(1, min(16, os.cpu_count() or 1, len(unique)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nvlm_d-image-check") as pool:
+        return dict(zip(unique, pool.map(decode_image, unique)))
 
 
 def conversation_text(
@@ -199,10 +221,11 @@ def tokenize_conversation(tokenizer: Any, text: str, spans: Sequence[tuple[int, 
 class ConversationDataset(torch.utils.data.Dataset):
     """Training examples from a JSONL file of conversation records (see the module docstring).
 
-    Every record is checked and tokenized when the dataset is built (image files are opened for their size only),
-    so a bad record is found before training starts. Each item holds `input_ids`, `labels` (LongTensor [tokens])
-    and `pixel_values` (float32 [tiles, 3, 448, 448]; 0 tiles for a text-only example), decoded when the item is
-    read, tiled as `processor.apply_chat_template` and `load_image(max_num=max_dynamic_patch)` tile.
+    Every record is checked and tokenized, and every image decoded whole, when the dataset is built, so a bad record
+    (a missing, truncated or corrupt image included) is found before training starts. Each item holds `input_ids`,
+    `labels` (LongTensor [tokens]) and `pixel_values` (float32 [tiles, 3, 448, 448]; 0 tiles for a text-only
+    example), decoded again when the item is read, tiled as `processor.apply_chat_template` and
+    `load_image(max_num=max_dynamic_patch)` tile.
 
     Args:
         path: the JSONL file.
@@ -246,18 +269,26 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.examples: list[Example] = []
         self.skipped: Counter[str] = Counter()  # reason -> records left out
         folder = Path(image_folder) if image_folder is not None else path.parent
-        too_long = []
+        conversations = []
         for number, record in read_jsonl(path):
             try:
-                example = self._example(record, f"{path}:{number}", number, folder, tokenizer)
+                if isinstance(record, RecordError):
+                    raise record
+                conversations.append(parse_record(record, f"{path}:{number}", folder, number))
             except RecordError as exc:
-                if bad_records == "error":
-                    raise
-                logger.warning(f"skipped: {exc}")
-                self.skipped["bad record"] += 1
+                self._bad_record(exc, bad_records)
+        # Every image is decoded whole, once, here: a file that cannot be decoded fails now, naming its record, and not
+        # in the middle of training.
+        images = decode_images(image for conversation in conversations for image in conversation.images)
+        too_long = []
+        for conversation in conversations:
+            try:
+                example = self._example(conversation, images, tokenizer)
+            except RecordError as exc:
+                self._bad_record(exc, bad_records)
                 continue
             if max_length is not None and len(example) > max_length:
-                too_long.append((number, len(example)))
+                too_long.append((conversation.line, len(example)))
                 continue
             self.examples.append(example)
         if too_long:
@@ -271,17 +302,25 @@ class ConversationDataset(torch.utils.data.Dataset):
         if not self.examples:
             raise ValueError(f"{path}: no usable training examples ({dict(self.skipped) or 'the file is empty'})")
 
-    def _example(self, record: Any, where: str, number: int, folder: Path, tokenizer: Any) -> Example:
-        if isinstance(record, RecordError):
-            raise record
-        conversation = parse_record(record, where, folder, number)
+    def _bad_record(self, error: RecordError, policy: str) -> None:
+        if policy == "error":
+            raise error
+        logger.warning(f"skipped: {error}")
+        self.skipped["bad record"] += 1
+
+    def _example(
+        self, conversation: Conversation, images: dict[Path, tuple[int, int] | str], tokenizer: Any
+    ) -> Example:
         num_patches = []
         for image in conversation.images:
-            width, height = image_size(image, where)
+            size = images[image]
+            if isinstance(size, str):
+                raise RecordError(f"{self.path}:{conversation.line}: {size}")
+            width, height = size
             num_patches.append(self.image_processor.get_number_of_image_patches(height, width))
         text, spans = conversation_text(conversation, num_patches, self.config.num_image_token, self.config.template)
         input_ids, labels = tokenize_conversation(tokenizer, text, spans)
-        return Example(number, input_ids, labels, conversation.images, num_patches)
+        return Example(conversation.line, input_ids, labels, conversation.images, num_patches)
 
     def __len__(self) -> int:
         return len(self.examples)

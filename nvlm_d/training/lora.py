@@ -35,7 +35,9 @@ def require_peft() -> Any:
     try:
         import peft
     except ImportError:
-        raise ImportError("LoRA and QLoRA need peft: pip install 'nvlm-d[train]'") from None
+        raise ImportError(
+            "LoRA and QLoRA need peft: pip install peft (or pip install -e '.[train]' in the clone)"
+        ) from None
     return peft
 
 
