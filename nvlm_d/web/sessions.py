@@ -51,9 +51,10 @@ class SessionStore:
         if conversation is not None:
             conversation.close()
 
-    def expire_idle(self) -> int:
-        """Drop the conversations idle for longer than `idle_timeout`; returns how many were dropped."""
-        now = self._clock()
+    def expire_idle(self, now: float | None = None) -> int:
+        """Drop the conversations idle for longer than `idle_timeout` at `now` (default: the clock's time); returns
+        how many were dropped."""
+        now = self._clock() if now is None else now
         with self._lock:
             idle = [
                 session_id
