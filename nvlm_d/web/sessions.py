@@ -41,6 +41,11 @@ class SessionStore:
             conversation.last_used = self._clock()
             return conversation
 
+    def conversations(self) -> list[Any]:
+        """The conversations held now."""
+        with self._lock:
+            return list(self._conversations.values())
+
     def find(self, session_id: str) -> Any | None:
         with self._lock:
             return self._conversations.get(session_id)
