@@ -17,6 +17,7 @@ from web_helpers import GREEDY, MAX_NEW_TOKENS, SETTINGS, chat_answers, last_ans
 pytest.importorskip("gradio", reason="the web extra (gradio) is not installed: pip install -e '.[web]'")
 from gradio_client import Client, handle_file  # noqa: E402
 
+from nvlm_d.image_processing_nvlm_d import load_image  # noqa: E402
 from nvlm_d.web import InProcessBackend, OpenAIBackend, SessionStore, Settings, UserFacingError, build_app  # noqa: E402
 
 SETTINGS_OBJECT = Settings(max_tiles=SETTINGS[0], max_new_tokens=MAX_NEW_TOKENS)
@@ -120,8 +121,24 @@ def test_clear_starts_a_new_conversation(page, tiny_model, tokenizer, images):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The backend on its own: limits, sessions
+# The backend on its own: stop, limits, sessions
 # ---------------------------------------------------------------------------------------------------------
+
+
+def test_stop_ends_the_answer_where_it_is_and_a_follow_up_continues_from_it(tiny_model, tokenizer, images):
+    conversation = InProcessBackend(tiny_model, tokenizer).new_conversation()
+    settings = Settings(max_tiles=6, max_new_tokens=64)
+    answers = conversation.ask("What colour is it?", [str(images["red"])], settings)
+    next(answer for answer in answers if answer)  # the first token has been shown
+    conversation.stop()
+    stopped = list(answers)[-1]
+    (full,) = chat_answers(tiny_model, tokenizer, images["red"], ["What colour is it?"], settings.generation_config())
+    assert full.startswith(stopped.rstrip("\ufffd").rstrip()) and len(stopped) < len(full)  # may end mid-character
+    assert conversation.stats.new_tokens < 64 and conversation.turns[-1].answer == stopped
+    follow_up = list(conversation.ask("Go on.", [], SETTINGS_OBJECT))[-1]
+    history = [(conversation.turns[0].text, stopped)]
+    pixel_values = load_image(str(images["red"]), max_num=6)
+    assert follow_up == tiny_model.chat(tokenizer, pixel_values, "Go on.", GREEDY, history=history)
 
 
 def test_a_conversation_past_the_context_offers_to_start_over(tiny_model, tokenizer, images):
