@@ -141,6 +141,20 @@ def test_stop_ends_the_answer_where_it_is_and_a_follow_up_continues_from_it(tiny
     assert follow_up == tiny_model.chat(tokenizer, pixel_values, "Go on.", GREEDY, history=history)
 
 
+def test_seeded_sampling_answers_as_chat_under_the_same_seed(tiny_model, tokenizer, images):
+    import torch
+
+    settings = Settings(max_tiles=6, max_new_tokens=MAX_NEW_TOKENS, do_sample=True, temperature=0.9, top_p=0.8, seed=7)
+    conversation = InProcessBackend(tiny_model, tokenizer).new_conversation()
+    answer = list(conversation.ask("What colour is it?", [str(images["red"])], settings))[-1]
+    torch.manual_seed(7)
+    (expected,) = chat_answers(
+        tiny_model, tokenizer, images["red"], ["What colour is it?"], settings.generation_config()
+    )
+    assert answer == expected
+    assert list(conversation.regenerate(settings))[-1] == expected  # the same seed, the same answer
+
+
 def test_a_conversation_past_the_context_offers_to_start_over(tiny_model, tokenizer, images):
     conversation = InProcessBackend(tiny_model, tokenizer, max_tokens=300).new_conversation()
     list(conversation.ask("What colour is it?", [str(images["red"])], SETTINGS_OBJECT))

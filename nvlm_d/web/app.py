@@ -12,9 +12,13 @@ must be the class itself, and Gradio is imported inside `build_app` so that the 
 from collections.abc import Iterator
 from typing import Any
 
+from transformers.utils import logging
+
 from .backends import MAX_TILES_RANGE, Conversation, Settings, UserFacingError
 from .sessions import SessionStore
 from .uploads import UploadError, tile_upload
+
+logger = logging.get_logger(__name__)
 
 DEFAULT_IDLE_TIMEOUT = 1800.0  # seconds
 GENERATE = "nvlm_d-generate"  # the queue's concurrency group shared by ask and regenerate
@@ -101,6 +105,10 @@ def build_app(
                 yield _messages(earlier, (question, paths, partial)), "", ""
         except UserFacingError as exc:
             yield _messages(conversation.turns), f"**Error:** {exc}", ""
+            return
+        except Exception as exc:  # a failure of the backend itself: said on the page, logged, and the page serves on
+            logger.exception("nvlm-d web: the answer failed")
+            yield _messages(conversation.turns), f"**Error:** the answer failed ({type(exc).__name__}: {exc})", ""
             return
         yield _messages(conversation.turns), "", conversation.stats.describe()
 
