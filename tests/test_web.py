@@ -196,8 +196,12 @@ def test_idle_conversations_are_dropped_and_busy_ones_kept():
     busy.busy = True
     now[0] = 150.0
     recent = store.get("recent")
+    store.touch("busy")  # its answer ended now
     assert store.expire_idle() == 1 and idle.closed and not busy.closed and not recent.closed
     assert store.find("idle") is None and store.find("busy") is busy and len(store) == 2
+    busy.busy = False
+    now[0] = 240.0  # 90 s after both were last used
+    assert store.expire_idle() == 0 and store.expire_idle(now=260.0) == 2 and len(store) == 0
 
 
 def test_an_expired_conversation_frees_its_chat_session(tiny_model, tokenizer, images):

@@ -133,6 +133,7 @@ def build_app(
             return
         for messages, status, stats in stream(list(conversation.turns), question, paths, answers, conversation):
             yield messages, value if status else gr.MultimodalTextbox(value=None), status, stats  # kept on error
+        store.touch(request.session_hash)  # idle from the end of the answer on
 
     def regenerate(
         max_tiles: Any,
@@ -153,6 +154,7 @@ def build_app(
         last = conversation.turns[-1]
         paths = [image.path for image in last.images]
         yield from stream(conversation.turns[:-1], last.question, paths, answers, conversation)
+        store.touch(request.session_hash)
 
     def stop(request: gr.Request) -> None:
         conversation = store.find(request.session_hash)

@@ -50,6 +50,13 @@ class SessionStore:
         with self._lock:
             return self._conversations.get(session_id)
 
+    def touch(self, session_id: str) -> None:
+        """Mark the conversation used now (an answer just ended), if it is still held."""
+        with self._lock:
+            conversation = self._conversations.get(session_id)
+            if conversation is not None:
+                conversation.last_used = self._clock()
+
     def drop(self, session_id: str) -> None:
         with self._lock:
             conversation = self._conversations.pop(session_id, None)
