@@ -32,9 +32,9 @@ class ChatSession:
 
     The cache grows with the conversation and lives on the model's devices. `max_tokens` (default: the decoder's
     `max_position_embeddings`) bounds the prompt plus the answer: a turn that would pass it raises ValueError and
-    leaves the session as it was; start over with `reset()`. `pop_turn()` forgets the last turn (to ask it again, e.g.
-with other settings). Generation is one sequence at a time (no beams, one
-    return sequence), greedy or sampled (seed with `torch.manual_seed` for reproducible samples).
+    leaves the session as it was; start over with `reset()`. `pop_turn()` forgets the last turn (to ask it again,
+    e.g. with other settings). Generation is one sequence at a time (no beams, one return sequence), greedy or sampled
+    (seed with `torch.manual_seed` for reproducible samples).
     """
 
     def __init__(
