@@ -311,3 +311,13 @@ def test_openai_mode_says_when_the_server_does_not_answer(images):
         conversation = OpenAIBackend(server.url, model="nvlm", timeout=1).new_conversation()
         with pytest.raises(UserFacingError, match="did not answer within 1 s"):
             list(conversation.ask("Hello?", [], SETTINGS_OBJECT))
+
+
+def test_the_page_in_front_of_a_server_streams_its_answer_and_says_when_it_is_down(images):
+    with FakeOpenAIServer() as server, launched(build_app(OpenAIBackend(server.url), concurrency=8)) as url:
+        messages, _, status, stats = ask(Client(url, verbose=False), "What colour is it?", images["red"])
+        assert last_answer(messages) == "A red square." and status == "" and "prompt 300 tokens" in stats
+        assert server.requests[0]["messages"][1]["content"][0]["type"] == "image_url"
+    with launched(build_app(OpenAIBackend(server.url))) as url:  # the server has stopped
+        _, _, status, _ = ask(Client(url, verbose=False), "Hello?")
+        assert "Cannot reach the server" in status
