@@ -32,8 +32,9 @@ class ChatSession:
 
     The cache grows with the conversation and lives on the model's devices. `max_tokens` (default: the decoder's
     `max_position_embeddings`) bounds the prompt plus the answer: a turn that would pass it raises ValueError and
-    leaves the session as it was; start over with `reset()`. Generation is one sequence at a time (no beams, one
-    return sequence), greedy or sampled (seed with `torch.manual_seed` for reproducible samples).
+    leaves the session as it was; start over with `reset()`. `pop_turn()` forgets the last turn (to ask it again,
+    e.g. with other settings). Generation is one sequence at a time (no beams, one return sequence), greedy or sampled
+    (seed with `torch.manual_seed` for reproducible samples).
     """
 
     def __init__(
@@ -68,9 +69,22 @@ class ChatSession:
         """Forget the conversation: history, images and cache."""
         self.history: list[tuple[str, str]] = []
         self._num_patches: list[int] = []
+        self._images_per_turn: list[int] = []  # how many of `_num_patches` each turn of `history` added
         self._visual_features: list[torch.Tensor] = []  # per image [tiles, 256, 12800], in conversation order
         self._cache = DynamicCache()
         self._cached_ids = torch.empty(0, dtype=torch.long)  # the tokens whose keys and values are in the cache
+
+    def pop_turn(self) -> tuple[str, str]:
+        """Forget the last turn (its question, answer and the images it added) and return (question, answer). The
+        cache keeps its tokens: the next turn reuses the prefix it shares with them, so asking again costs only the
+        last turn's prefill."""
+        if not self.history:
+            raise ValueError("the conversation has no turn to remove")
+        added = self._images_per_turn.pop()
+        if added:
+            del self._num_patches[-added:]
+            del self._visual_features[-added:]
+        return self.history.pop()
 
     @property
     def num_cached_tokens(self) -> int:
@@ -106,6 +120,7 @@ class ChatSession:
             new_features = list(features.split(new_counts))
         answer = self._generate(input_ids, [*self._visual_features, *new_features], streamer)
         self.history.append((question, answer))
+        self._images_per_turn.append(len(new_counts))
         self._num_patches.extend(new_counts)
         self._visual_features.extend(new_features)
         return answer

@@ -127,3 +127,15 @@ def test_a_session_on_an_offloaded_model_answers_as_chat(tiny_checkpoint, tiny_m
     ).eval()
     answers, _ = session_answers(offloaded, tokenizer, ONE_IMAGE[:3])
     assert answers == chat_from_scratch(tiny_model, tokenizer, ONE_IMAGE[:3])
+
+
+def test_a_popped_turn_asked_again_answers_as_chat_without_that_turn(tiny_model, tokenizer):
+    turns = [("What is in the picture?", [tiles(1, seed=1)]), ("Image-2: <image>\nAnd this one?", [tiles(1, seed=2)])]
+    _, session = session_answers(tiny_model, tokenizer, turns)
+    question, _ = session.pop_turn()
+    assert question == turns[1][0] and len(session.history) == 1
+    again = session.ask("Image-2: <image>\nWhat colour is it?", tiles(1, seed=3))
+    expected = chat_from_scratch(
+        tiny_model, tokenizer, [turns[0], ("Image-2: <image>\nWhat colour is it?", [tiles(1, seed=3)])]
+    )
+    assert again == expected[1]

@@ -155,7 +155,7 @@ def test_help_lists_every_subcommand(cli_env):
         pytest.skip("the nvlm-d console script is not installed (pip install -e .)")
     result = run_process([script, "--help"], cli_env)
     assert_ok(result)
-    for command in ("demo", "chat", "tiles", "batch", "plan"):
+    for command in ("demo", "chat", "tiles", "batch", "plan", "web"):
         assert f"    {command} " in result.stdout
 
 
@@ -192,6 +192,8 @@ def test_help_argument_errors_and_plan_parsing_import_no_heavy_library(cli_env):
         ["plan", "--strategy", "diagonal"],
         ["batch", "--model", "m", "--input", "r.jsonl"],
         ["serve", "--help"],
+        ["web", "--help"],
+        ["web", "--port", "0"],
         ["frobnicate"],
     ]
     result = run_process([sys.executable, "-c", STARTUP_PROBE, json.dumps(argvs), *HEAVY_MODULES], cli_env)

@@ -9,6 +9,7 @@
     nvlm-d serve --model PATH --gpus N            serve it with vLLM (OpenAI-compatible), one machine or several
     nvlm-d finetune --model PATH --data D.jsonl --output DIR
                                                   fine-tune (LoRA, QLoRA, full) on one GPU or many
+    nvlm-d web [--model PATH | --openai-url URL]  a chat page in the browser (Gradio)
 
 One module a command (demo, chat, tiles, batch, plan, serve, finetune), with what they share in common.py. Adding
 a command: a module whose `add_parser(commands)` adds a subparser whose defaults set `handler`, listed in
@@ -29,7 +30,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .. import __version__
-from . import batch, chat, demo, finetune, plan, serve, tiles
+from . import batch, chat, demo, finetune, plan, serve, tiles, web
 from .common import PROG, CLIError, Parser, one_line, say
 
 # The subcommands, in the order `--help` lists them. A new command is one module more.
@@ -41,6 +42,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     plan.add_parser,
     serve.add_parser,
     finetune.add_parser,
+    web.add_parser,
 ]
 
 
