@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 
 GIB = 1 << 30
+# The memory of one GPU that `nvlm-d plan`, `nvlm-d serve` and the fine-tuning planner assume unless told.
+DEFAULT_GPU_MEMORY = "80GiB"
 
 # Unit -> bytes. Binary units (KiB, MiB, ...) are powers of 1024, decimal ones (KB, MB, ...) powers of 1000, as
 # accelerate's `convert_file_size_to_int` counts them (`max_memory`); the case of the letters does not matter.

@@ -13,8 +13,13 @@ import json
 import re
 
 import pytest
+import torch
 
+from nvlm_d import device_map
 from nvlm_d.cli import main
+from nvlm_d.configuration_nvlm_d import NVLM_D_Config
+from nvlm_d.sizing import component_bytes, kv_cache_bytes_per_token, tensor_bytes
+from nvlm_d.tiny import tiny_config
 
 RELEASED = "nvidia/NVLM-D-72B"
 PLAN_HEADER = "GPU  decoder layers    weights  KV cache  act.+CUDA     free  other modules"
@@ -31,6 +36,22 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
         code = exc.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def meta_72b():
+    return device_map.build_meta_model()
+
+
+@pytest.fixture(autouse=True)
+def one_meta_model(monkeypatch, meta_72b):
+    """Every command of this module sizes the same 72B meta model, built once (building it is most of a run)."""
+    build = device_map.build_meta_model
+
+    def cached(config=None):
+        return meta_72b if config is None or config.to_dict() == NVLM_D_Config().to_dict() else build(config)
+
+    monkeypatch.setattr(device_map, "build_meta_model", cached)
 
 
 @pytest.fixture
@@ -125,7 +146,8 @@ def test_plan_saves_the_device_map_it_prints(capsys, tmp_path):
     code, out, _ = run(capsys, "plan", "--gpu-memory", "141GB", "--save", str(saved))
     assert code == 0 and out.endswith(f"device map written to {saved}\n")
     device_map = json.loads(saved.read_text())
-    layers = [device for name, device in device_map.items() if re.fullmatch(r"language_model\.model\.layers\.\d+", name)]
+    layer = re.compile(r"language_model\.model\.layers\.\d+")
+    layers = [device for name, device in device_map.items() if layer.fullmatch(name)]
     assert layers == [0] * 36 + [1] * 44  # as the table says: 0-35 on GPU 0, 36-79 on GPU 1
     assert device_map["vision_model"] == 0 and device_map["language_model.lm_head"] == 1
 
@@ -157,7 +179,8 @@ SERVES = {
         [
             "nvlm-d serve: layout: tensor parallel 2 x pipeline parallel 1 = 2 GPU(s)",
             "nvlm-d serve: weights per GPU: 73.9 GiB (pipeline stage of 80 decoder layers, bfloat16)",
-            "nvlm-d serve: KV cache: room for about 347,157 tokens in all on 141GiB GPUs at 90% use, before activations",
+            "nvlm-d serve: KV cache: room for about 347,157 tokens in all on 141GiB GPUs at 90% use, before "
+            "activations",
         ],
         "--tensor-parallel-size 2 --pipeline-parallel-size 1 --dtype auto --max-model-len 8192 "
         "--limit-mm-per-prompt '{\"image\": 1}' --mm-processor-kwargs '{\"max_dynamic_patch\": 6}' "
@@ -220,7 +243,8 @@ def docs_memory_table(repo_root) -> list[str]:
 
 
 def test_the_finetuning_memory_table_is_the_one_in_the_docs(capsys, monkeypatch, repo_root):
-    spec = importlib.util.spec_from_file_location("training_memory_table", repo_root / "tools" / "training_memory_table.py")
+    path = repo_root / "tools" / "training_memory_table.py"
+    spec = importlib.util.spec_from_file_location("training_memory_table", path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     monkeypatch.setattr("sys.argv", ["training_memory_table.py"])
@@ -236,3 +260,39 @@ def test_the_finetuning_memory_table_is_the_one_in_the_docs(capsys, monkeypatch,
         "| full, ViT frozen | 73.33B | 24 (3 nodes) | 46.0 + 7.0 + 13.8 -> 74.5 |",
         "| full, everything trained | 79.38B | 32 (4 nodes) | 37.0 + 7.0 + 16.6 -> 67.7 |",
     ]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The sizing model itself
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype, element_bytes", [("bf16", 2), ("float16", 2), ("fp32", 4)])
+def test_the_parts_add_up_to_every_tensor_at_the_dtypes_bytes(dtype, element_bytes):
+    model = device_map.build_meta_model(tiny_config())
+    parts = component_bytes(model, dtype)
+    elements = sum(t.numel() for t in [*model.parameters(), *model.buffers()])
+    assert parts.total == elements * element_bytes
+    assert parts.vision == element_bytes * sum(p.numel() for p in model.vision_model.parameters())
+    layer = model.language_model.model.layers[0]
+    assert parts.layers == [element_bytes * sum(p.numel() for p in layer.parameters())] * len(parts.layers)
+
+
+def test_int4_packs_the_decoders_linear_weights_two_to_a_byte_and_keeps_the_rest_in_bf16():
+    model = device_map.build_meta_model(tiny_config())
+    linear = sum(
+        module.weight.numel()
+        for name, module in model.language_model.model.layers.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    )
+    everything = sum(t.numel() for t in [*model.parameters(), *model.buffers()])
+    assert tensor_bytes(model, "int4")[""] == (everything - linear) * 2 + linear // 2
+
+
+def test_a_qwen2_72b_token_costs_4_kib_of_kv_cache_per_layer():
+    assert kv_cache_bytes_per_token(NVLM_D_Config().llm_config) == 2 * 8 * 128 * 2  # K and V, 8 heads of 128, bf16
+
+
+def test_an_unknown_dtype_is_refused_by_name():
+    with pytest.raises(ValueError, match="int3"):
+        tensor_bytes(device_map.build_meta_model(tiny_config()), "int3")

@@ -40,7 +40,6 @@ VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 VLLM_PYTHON_ENV = "NVLM_D_VLLM_PYTHON"
 GPU_MEMORY_UTILIZATION = 0.9  # the share of each GPU vLLM may use (its default)
 RAY_PORT = 6379  # the port vLLM's multi-node examples start Ray's head on
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -231,21 +230,20 @@ class ModelBytes:
 
     @classmethod
     def of(cls, config: NVLM_D_Config, element_bytes: int) -> ModelBytes:
-        """From the model built on the meta device (no memory, no weights)."""
-        from ..device_map import DECODER_LAYER, build_meta_model, kv_cache_bytes_per_layer
+        """From the model built on the meta device (no memory, no weights), `element_bytes` a weight (2 for bf16
+        and fp16, 4 for fp32), as nvlm_d.sizing counts them."""
+        from ..device_map import build_meta_model
+        from ..sizing import component_bytes, kv_cache_bytes_per_token
 
-        llm = config.llm_config
-        first, last, layers = 0, 0, [0] * llm.num_hidden_layers
-        for name, param in build_meta_model(config).named_parameters():
-            size = param.numel() * element_bytes
-            if match := re.match(DECODER_LAYER, name):
-                layers[int(match.group(1))] += size
-            elif name.startswith(("language_model.model.norm", "language_model.lm_head")):
-                last += size
-            else:
-                first += size
-        kv = kv_cache_bytes_per_layer(llm, context=1, batch=1, element_bytes=element_bytes)
-        return cls(first, layers, last, kv)
+        parts = component_bytes(build_meta_model(config), "fp32")
+        scale = element_bytes / 4
+        first = parts.vision + parts.projector + parts.embeddings + parts.other
+        return cls(
+            int(first * scale),
+            [int(layer * scale) for layer in parts.layers],
+            int((parts.norm + parts.head) * scale),
+            kv_cache_bytes_per_token(config.llm_config, element_bytes),
+        )
 
     def per_gpu(self, layout: Layout) -> list[tuple[range, int, int]]:
         """For each pipeline stage: its decoder layers, the weight bytes on each of its GPUs, and the KV-cache bytes
@@ -280,14 +278,14 @@ def smallest_layout(config: NVLM_D_Config, sizes: ModelBytes, usable: float, nod
 def check_memory(config: NVLM_D_Config, layout: Layout, dtype: str, gpu_memory: str, context: int) -> list[str]:
     """Lines describing the weights each GPU holds and the KV-cache room left; CLIError when the weights alone
     exceed what vLLM may use of a GPU."""
-    from ..device_map import GIB, parse_memory
+    from ..sizing import GIB, WEIGHT_BYTES, parse_memory, weight_dtype
 
     try:
         capacity = parse_memory(gpu_memory)
     except ValueError as exc:
         raise CLIError(f"--gpu-memory: {exc}") from None
     usable = capacity * GPU_MEMORY_UTILIZATION
-    sizes = ModelBytes.of(config, DTYPE_BYTES[dtype])
+    sizes = ModelBytes.of(config, WEIGHT_BYTES[weight_dtype(dtype)])
     stages = sizes.per_gpu(layout)
     heaviest = max(weights for _, weights, _ in stages)
     if heaviest > usable:
@@ -326,8 +324,10 @@ def resolved_dtype(requested: str, config: NVLM_D_Config) -> str:
     """The dtype vLLM will use: `auto` is the config's (float16 and bfloat16 configs keep theirs)."""
     if requested != "auto":
         return requested
+    from ..sizing import TORCH_DTYPE_NAMES
+
     configured = str(getattr(config, "dtype", None) or "bfloat16").removeprefix("torch.")
-    return configured if configured in DTYPE_BYTES else "bfloat16"
+    return configured if configured in TORCH_DTYPE_NAMES else "bfloat16"
 
 
 def build_command(python: str, model: ModelInfo, layout: Layout | None, args: argparse.Namespace) -> list[str]:
@@ -352,7 +352,7 @@ def build_command(python: str, model: ModelInfo, layout: Layout | None, args: ar
 
 def _memory_bytes(size: str, option: str) -> int:
     """Bytes from `1GiB`, `512MB` or a plain number of bytes."""
-    from ..device_map import parse_memory
+    from ..memory_size import parse_memory
 
     try:
         return parse_memory(int(size) if size.isdigit() else size)
