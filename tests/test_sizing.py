@@ -69,11 +69,12 @@ PLANS = {
     "defaults": (
         [],
         0,
-        f"""2 GPU(s) of 80GiB:
+        f"""3 GPU(s) of 79GiB:
 balanced, dtype bf16, context 8192 tokens x batch 1 (GiB)
 {PLAN_HEADER}
-  0  0-35 (36)            73.6      1.12       4.73      0.5  {FIRST_GPU}
-  1  36-79 (44)           74.3      1.38       3.10      1.3  model.norm, lm_head
+  0  0-20 (21)            49.1      0.66       4.73     24.5  {FIRST_GPU}
+  1  21-50 (30)           49.0      0.94       3.10     25.9  -
+  2  51-79 (29)           49.7      0.91       3.10     25.3  model.norm, lm_head
 """,
     ),
     "141GB": (
@@ -89,46 +90,46 @@ balanced, dtype bf16, context 8192 tokens x batch 1 (GiB)
     "int4, 7 tiles": (
         ["--dtype", "int4", "--tiles", "7"],
         0,
-        f"""1 GPU(s) of 80GiB:
+        f"""1 GPU(s) of 79GiB:
 balanced, dtype int4, context 8192 tokens x batch 1 (GiB)
 {PLAN_HEADER}
-  0  0-79 (80)            49.8      2.50       3.98     23.8  {ALL_ON_ONE}
+  0  0-79 (80)            49.8      2.50       3.98     22.8  {ALL_ON_ONE}
 """,
     ),
     "int8 sequential": (
         ["--gpus", "4", "--dtype", "int8", "--strategy", "sequential", "--context", "4096", "--batch", "2"],
         0,
-        f"""4 GPU(s) of 80GiB:
+        f"""4 GPU(s) of 79GiB:
 sequential, dtype int8, context 4096 tokens x batch 2 (GiB)
 {PLAN_HEADER}
-  0  0-67 (68)            70.3      2.12       4.73      2.8  vision_model, mlp1, model.embed_tokens
-  1  68-79 (12)           12.1      0.38       3.10     64.4  model.rotary_emb, model.norm, lm_head
-  2  -                     0.0      0.00       3.10     76.9  -
-  3  -                     0.0      0.00       3.10     76.9  -
+  0  0-66 (67)            69.5      2.09       4.73      2.7  vision_model, mlp1, model.embed_tokens
+  1  67-79 (13)           12.9      0.41       3.10     62.5  model.rotary_emb, model.norm, lm_head
+  2  -                     0.0      0.00       3.10     75.9  -
+  3  -                     0.0      0.00       3.10     75.9  -
 """,
     ),
     "one GPU does not fit": (
         ["--gpus", "1"],
         1,
-        f"""1 GPU(s) of 80GiB:
+        f"""1 GPU(s) of 79GiB:
 balanced, dtype bf16, context 8192 tokens x batch 1 (GiB)
 {PLAN_HEADER}
-  0  0-79 (80)           147.9      2.50       4.73    -75.1  {ALL_ON_ONE}
+  0  0-79 (80)           147.9      2.50       4.73    -76.1  {ALL_ON_ONE}
 does not fit: a GPU would run out of memory (negative free)
-NVLM-D does not fit on 1 GPU(s) of 80GiB (bf16): it needs 2 GPUs of 80GiB
+NVLM-D does not fit on 1 GPU(s) of 79GiB (bf16): it needs 3 GPUs of 79GiB
 """,
     ),
     "long context, batch 4": (
         ["--gpus", "3", "--context", "32768", "--batch", "4"],
         1,
-        f"""3 GPU(s) of 80GiB:
+        f"""3 GPU(s) of 79GiB:
 balanced, dtype bf16, context 32768 tokens x batch 4 (GiB)
 {PLAN_HEADER}
-  0  0-21 (22)            50.7     11.00      36.28    -18.0  {FIRST_GPU}
-  1  22-51 (30)           49.0     15.00      34.66    -18.7  -
-  2  52-79 (28)           48.1     14.00      34.66    -16.8  model.norm, lm_head
+  0  0-21 (22)            50.7     11.00      36.28    -19.0  {FIRST_GPU}
+  1  22-51 (30)           49.0     15.00      34.66    -19.7  -
+  2  52-79 (28)           48.1     14.00      34.66    -17.8  model.norm, lm_head
 does not fit: a GPU would run out of memory (negative free)
-NVLM-D does not fit on 3 GPU(s) of 80GiB (bf16): it needs 5 GPUs of 80GiB
+NVLM-D does not fit on 3 GPU(s) of 79GiB (bf16): it needs 5 GPUs of 79GiB
 """,
     ),
 }
@@ -170,7 +171,7 @@ SERVES = {
         [
             "nvlm-d serve: layout: tensor parallel 4 x pipeline parallel 1 = 4 GPU(s)",
             "nvlm-d serve: weights per GPU: 37.0 GiB (pipeline stage of 80 decoder layers, bfloat16)",
-            "nvlm-d serve: KV cache: room for about 459,223 tokens in all on 80GiB GPUs at 90% use, before activations",
+            "nvlm-d serve: KV cache: room for about 447,427 tokens in all on 79GiB GPUs at 90% use, before activations",
         ],
         f"--tensor-parallel-size 4 --pipeline-parallel-size 1 {VLLM_TAIL}",
     ),
@@ -214,13 +215,15 @@ def test_serve_prints_the_pinned_memory_check_and_command(capsys, no_hub_cache, 
     [
         (
             ["--gpus", "2"],
-            "nvlm-d: error: does not fit: about 73.9 GiB of bfloat16 weights per GPU, more than the 72.0 GiB vLLM may "
-            "use of a 80GiB GPU (90%): use --gpus 4",
+            "nvlm-d: error: does not fit: about 73.9 GiB of bfloat16 weights per GPU, more than the 71.1 GiB vLLM may "
+            "use of a 79GiB GPU (90%): the weights need 3 GPUs of 79GiB, but tensor parallelism must split the heads "
+            "(1, 2, 4, 8 GPUs a node): use --gpus 4",
         ),
         (
             ["--gpus", "1", "--dtype", "float32", "--gpu-memory", "141GB"],
             "nvlm-d: error: does not fit: about 295.7 GiB of float32 weights per GPU, more than the 118.2 GiB vLLM may "
-            "use of a 141GB GPU (90%): use --gpus 4",
+            "use of a 141GB GPU (90%): the weights need 3 GPUs of 141GB, but tensor parallelism must split the heads "
+            "(1, 2, 4, 8 GPUs a node): use --gpus 4",
         ),
     ],
 )
@@ -252,6 +255,7 @@ def test_the_finetuning_memory_table_is_the_one_in_the_docs(capsys, monkeypatch,
     tool.main()
     printed = capsys.readouterr().out.splitlines()
     assert printed == docs_memory_table(repo_root)
+    assert printed[0].startswith("| recipe (4096 tokens, batch 1 per GPU, checkpointing) | trained | GPUs of 79GiB |")
     assert printed[2:] == [
         "| QLoRA r=16, ViT and mlp1 frozen | 0.21B | 1 | 52.9 + 0.0 + 13.8 -> 74.5 |",
         "| QLoRA r=16, mlp1 trained | | does not fit | |",
@@ -296,3 +300,13 @@ def test_a_qwen2_72b_token_costs_4_kib_of_kv_cache_per_layer():
 def test_an_unknown_dtype_is_refused_by_name():
     with pytest.raises(ValueError, match="int3"):
         tensor_bytes(device_map.build_meta_model(tiny_config()), "int3")
+
+
+def test_plan_serve_and_the_readme_agree_on_the_gpus_nvlm_d_72b_needs_in_bf16(capsys, no_hub_cache, repo_root):
+    code, out, _ = run(capsys, "plan")
+    assert code == 0 and out.startswith("3 GPU(s) of 79GiB:")
+    code, out, err = run(capsys, "serve", "--model", RELEASED, "--gpus", "2", "--print-command")
+    assert code == 2 and "the weights need 3 GPUs of 79GiB" in err and "use --gpus 4" in err
+    readme = " ".join((repo_root / "README.md").read_text().split())
+    assert "bf16: three 80 GB GPUs" in readme
+    assert "vLLM takes four" in readme

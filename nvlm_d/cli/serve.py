@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import shlex
@@ -31,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..memory_size import DEFAULT_GPU_MEMORY
 from .common import PROG, CLIError, one_line, positive_int, say
 
 if TYPE_CHECKING:
@@ -92,9 +94,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=positive_int, default=8000, help="port to listen on (default: 8000)")
     parser.add_argument(
         "--gpu-memory",
-        default="80GiB",
+        default=DEFAULT_GPU_MEMORY,
         metavar="SIZE",
-        help="memory of one GPU, for the fit check (default: 80GiB)",
+        help=f"memory of one GPU, for the fit check (default: {DEFAULT_GPU_MEMORY}, what an 80 GB card shows to torch)",
     )
     parser.add_argument(
         "--kv-cache-memory",
@@ -296,6 +298,13 @@ def check_memory(config: NVLM_D_Config, layout: Layout, dtype: str, gpu_memory: 
             if better
             else "no layout of up to 8 GPUs a node fits"
         )
+        needed = math.ceil((sizes.first + sum(sizes.layers) + sizes.last) / usable)
+        if better and better.tensor_parallel * better.pipeline_parallel > needed:
+            splits = ", ".join(str(size) for size in tensor_parallel_sizes(config) if size <= 8)
+            advice = (
+                f"the weights need {needed} GPUs of {gpu_memory}, but tensor parallelism must split the heads "
+                f"({splits} GPUs a node): {advice}"
+            )
         raise CLIError(
             f"does not fit: about {heaviest / GIB:.1f} GiB of {dtype} weights per GPU, more than the "
             f"{usable / GIB:.1f} GiB vLLM may use of a {gpu_memory} GPU ({GPU_MEMORY_UTILIZATION:.0%}): {advice}"
