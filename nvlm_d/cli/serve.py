@@ -27,6 +27,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -393,6 +394,16 @@ def vllm_python(args: argparse.Namespace) -> str:
     return args.python or os.environ.get(VLLM_PYTHON_ENV) or sys.executable
 
 
+def executable_path(python: str) -> str:
+    """The file `python` names, found as a shell finds it: a bare name (`python3`) on PATH, a path as it is.
+    `os.execv` does not search PATH, so the command is run by this path."""
+    found = shutil.which(python)
+    if found is None:
+        where = "on PATH" if os.sep not in python else "or it is not executable"
+        raise CLIError(f"the Python interpreter {python} was not found {where}: see --python or {VLLM_PYTHON_ENV}")
+    return found
+
+
 def check_vllm(python: str, needs_ray: bool) -> None:
     """CLIError unless `python` runs and can import vLLM (and Ray for several nodes); nothing is imported."""
     modules = ["vllm"] + (["ray"] if needs_ray else [])
@@ -441,7 +452,11 @@ def _run_serve(args: argparse.Namespace) -> int:
         print(shlex.join(command))
         return 0
     check_vllm(python, needs_ray=layout is not None and layout.pipeline_parallel > 1)
+    executable = executable_path(python)
     say(f"{PROG} serve: {shlex.join(command)}")
     sys.stdout.flush()
-    os.execv(python, command)
+    try:
+        os.execv(executable, command)
+    except OSError as exc:
+        raise CLIError(f"cannot start {executable}: {exc.strerror or one_line(exc)}") from None
     return 1  # not reached: exec replaces this process
