@@ -147,10 +147,10 @@ class TileSpec:
 
     @classmethod
     def default(cls) -> TileSpec:
-        """NVLM-D-72B's, from the package's config defaults: for commands that load no model."""
-        from ..configuration_nvlm_d import NVLM_D_Config
+        """NVLM-D-72B's (its config's defaults): for commands that load no model."""
+        from ..image_tiling import TILE_SIZE, TOKENS_PER_TILE
 
-        return cls.of(NVLM_D_Config())
+        return cls(TILE_SIZE, TOKENS_PER_TILE)
 
 
 @dataclasses.dataclass
