@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .common import CLIError, one_line, positive_int, resolve_model, say
+from .common import CLIError, model_option, one_line, positive_int, say
 
 PARTS = ("vision", "mlp1", "llm")
 
@@ -285,7 +285,7 @@ def merge_adapter(model_path: str, adapter_dir: Path, output_dir: Path, dtype: A
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    source = resolve_model(args.model)
+    source = model_option(args.model)
     if source.local_files_only:  # a cached Hub model and no Hub: every load in this run reads the cache only
         from huggingface_hub import constants
 

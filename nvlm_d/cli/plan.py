@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..memory_size import DEFAULT_GPU_MEMORY, parse_memory
-from .common import CLIError, one_line, positive_int, quiet_transformers, resolve_model
+from .common import CLIError, model_option, one_line, positive_int, quiet_transformers
 
 MAX_GPUS = 64  # the largest GPU count searched for a plan that fits
 
@@ -83,7 +83,7 @@ def _memory(text: str) -> str:
 def _run_plan(args: argparse.Namespace) -> int:
     config = None
     if args.model:
-        source = resolve_model(args.model)
+        source = model_option(args.model)
         quiet_transformers()
         from transformers import AutoConfig
 

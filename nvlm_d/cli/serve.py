@@ -25,7 +25,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..memory_size import DEFAULT_GPU_MEMORY
-from .common import PROG, CLIError, one_line, positive_int, say
+from .common import PROG, CLIError, model_option, one_line, positive_int, say
 
 if TYPE_CHECKING:
     from ..configuration_nvlm_d import NVLM_D_Config
@@ -43,7 +42,6 @@ VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 VLLM_PYTHON_ENV = "NVLM_D_VLLM_PYTHON"
 GPU_MEMORY_UTILIZATION = 0.9  # the share of each GPU vLLM may use (its default)
 RAY_PORT = 6379  # the port vLLM's multi-node examples start Ray's head on
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -128,27 +126,21 @@ class ModelInfo:
     note: str | None = None  # how the config was found, when that is worth saying
 
 
-def resolve_model(name: str) -> ModelInfo:
+def model_info(name: str) -> ModelInfo:
     """A local NVLM-D directory, or a Hub id whose config is read from the Hugging Face cache (no download).
 
     A Hub id that is not cached is planned with NVLM-D-72B's architecture (the package's defaults); vLLM downloads
     the model itself."""
     from ..configuration_nvlm_d import NVLM_D_Config
+    from ..model_source import cached_config
 
-    local = Path(name).expanduser()
+    source = model_option(name, contact_hub=False)
+    local = Path(source.path)
     if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise CLIError(f"--model {name}: not a model directory (no config.json in it)")
         return ModelInfo(str(local.resolve()), _read_config(local / "config.json", name))
-    if local.exists():
-        raise CLIError(f"--model {name}: is a file; expected a model directory (with config.json)")
-    if not _HUB_ID.fullmatch(name):
-        raise CLIError(f"--model {name}: no such directory, and not a Hub id (owner/name)")
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(name, "config.json")
-    if isinstance(cached, str):
-        return ModelInfo(name, _read_config(Path(cached), name), f"config of {name} from the Hugging Face cache")
+    cached = cached_config(name)
+    if cached is not None:
+        return ModelInfo(name, _read_config(cached, name), f"config of {name} from the Hugging Face cache")
     note = f"{name} is not in the Hugging Face cache: planned with NVLM-D-72B's architecture; vLLM downloads it"
     return ModelInfo(name, NVLM_D_Config(), note)
 
@@ -428,7 +420,7 @@ def check_vllm(python: str, needs_ray: bool) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     if args.cpu and args.nodes != 1:
         raise CLIError("--nodes needs --gpus: the CPU server runs on one machine")
-    model = resolve_model(args.model)
+    model = model_info(args.model)
     python = vllm_python(args)
     layout = None if args.cpu else choose_layout(model.config, args.gpus, args.nodes)
     command = build_command(python, model, layout, args)
