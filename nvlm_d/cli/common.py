@@ -186,41 +186,32 @@ class OpenedImage:
 
 
 def open_image(path: str | os.PathLike) -> OpenedImage:
-    """Decode an image file, or raise CLIError with one line saying why not. Every command opens images here, so
-    the same bad file gives the same message everywhere. Decoding needs no model: commands call this before
-    loading one, so that a bad image fails at once."""
-    from PIL import Image, UnidentifiedImageError
+    """Decode an image file with the library's `open_image` (as `load_image` decodes it), or raise CLIError with
+    one line saying why not. Every command opens images here, so the same bad file gives the same message
+    everywhere. Decoding needs no model: commands call this before loading one, so that a bad image fails at once."""
+    from ..image_tiling import ImageTooLargeError, InvalidImageError
+    from ..image_tiling import open_image as decode
 
     name = os.fspath(path)
-    if not os.path.exists(name):
-        raise CLIError(f"image not found: {name}")
-    if os.path.isdir(name):
-        raise CLIError(f"image is a directory, not a file: {name}")
     try:
-        with Image.open(name) as image:
-            image.load()
-    except Image.DecompressionBombError as exc:
-        raise CLIError(f"image too large: {name}: {one_line(exc)}") from None
-    except UnidentifiedImageError:
-        empty = os.path.isfile(name) and os.path.getsize(name) == 0
-        why = "the file is empty (0 bytes)" if empty else "not an image in a format Pillow can read"
-        raise CLIError(f"cannot read image {name}: {why}") from None
-    except OSError as exc:
-        if exc.errno is not None:  # the file system's error (permission denied, ...), not the data's
-            raise CLIError(f"cannot read image {name}: {exc.strerror}") from None
-        raise CLIError(f"cannot read image {name}: cannot decode the image data ({one_line(exc)})") from None
-    except MemoryError:
-        raise
-    except Exception as exc:  # Pillow's plugins report bad data with many exception types
-        raise CLIError(f"cannot read image {name}: cannot decode the image data ({one_line(exc)})") from None
-    if image.size[0] == 0 or image.size[1] == 0:
-        raise CLIError(f"image has no pixels: {name}")
-    if image.mode == "RGB":
-        return OpenedImage(name, image)
-    try:
-        return OpenedImage(name, image.convert("RGB"))
-    except ValueError as exc:
-        raise CLIError(f"cannot read image {name}: cannot convert mode {image.mode} to RGB ({one_line(exc)})") from None
+        return OpenedImage(name, decode(name))
+    except FileNotFoundError:
+        raise CLIError(f"image not found: {name}") from None
+    except IsADirectoryError:
+        raise CLIError(f"image is a directory, not a file: {name}") from None
+    except ImageTooLargeError as exc:
+        raise CLIError(f"image too large: {name}: {_about_the_image(exc, name)}") from None
+    except InvalidImageError as exc:
+        raise CLIError(f"cannot read image {name}: {_about_the_image(exc, name)}") from None
+    except OSError as exc:  # the file system's error (permission denied, ...), not the data's
+        raise CLIError(f"cannot read image {name}: {exc.strerror or one_line(exc)}") from None
+    except ValueError as exc:  # no pixels, or a mode that does not convert to RGB
+        raise CLIError(f"cannot read image {name}: {_about_the_image(exc, name)}") from None
+
+
+def _about_the_image(exc: Exception, name: str) -> str:
+    """The library's message without the image's name in front (the CLI's message names the path itself)."""
+    return one_line(exc).removeprefix(f"{name!r}: ")
 
 
 def tile_image(opened: OpenedImage, max_num: int, spec: TileSpec) -> TiledImage:
