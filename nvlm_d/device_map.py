@@ -11,13 +11,23 @@ import warnings
 
 import torch
 from accelerate import init_empty_weights
-from accelerate.utils import CustomDtype, compute_module_sizes, infer_auto_device_map
+from accelerate.utils import CustomDtype, infer_auto_device_map
 from torch import nn
-from transformers import PreTrainedConfig
 
 from .configuration_nvlm_d import NVLM_D_Config
-from .memory_size import GIB, parse_memory
 from .modeling_nvlm_d import NVLM_D_Model
+from .sizing import (
+    CUDA_OVERHEAD_BYTES,
+    DECODER_LAYER,
+    DEFAULT_GPU_MEMORY,
+    GIB,
+    decoder_activation_bytes,
+    kv_cache_bytes_per_layer,
+    parse_memory,
+    quantized_tensor_dtypes,
+    tensor_bytes,
+    vision_activation_bytes,
+)
 
 # Modules that stay on GPU 0 beside the vision tower: the decoder's input and output ends, so that image features,
 # embeddings, the final norm and the logits never cross devices, and the rotary embedding every layer reads.
@@ -74,17 +84,11 @@ def split_model(num_gpus: int | None = None, num_layers: int = 80) -> dict[str, 
 # A weight-free memory planner
 # ----------------------------------------------------------------------------------------------------------------------
 
-# Bytes a decoder weight takes in memory. bitsandbytes quantizes the decoder's linear layers only; the vision tower,
-# the projector and the LM head stay in bf16 (see nvlm_d.quantization). Quantization scales (about 1/64 of the
-# int4 weights) are left out, as transformers' own planning does.
-WEIGHT_BYTES = {"bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5}
-QUANTIZED_MODULES = r"^language_model\.model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$"
-CUDA_OVERHEAD_BYTES = 1 << 30  # CUDA context, cuBLAS workspaces and allocator slack, per GPU
-DECODER_LAYER = r"^language_model\.model\.layers\.(\d+)\."
 # The decoder's output end: with the `balanced` strategy it goes with the last decoder layers (every other module
 # that is not a decoder layer stays on GPU 0, as FIRST_GPU_MODULES says).
 DECODER_TAIL = ("language_model.model.norm", "language_model.lm_head")
 STRATEGIES = ("balanced", "sequential")
+PLAN_DTYPES = ("bf16", "fp16", "int8", "int4")  # what accelerate places (bitsandbytes on the decoder's linears)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,41 +125,10 @@ class DevicePlan:
         return on_gpus and all(gpu.free_bytes >= 0 for gpu in self.gpus)
 
 
-def kv_cache_bytes_per_layer(llm_config: PreTrainedConfig, context: int, batch: int, element_bytes: int = 2) -> int:
-    """K and V of one decoder layer for `batch` sequences of `context` tokens (Qwen2-72B: 8 KV heads x 128)."""
-    head_dim = getattr(llm_config, "head_dim", None) or llm_config.hidden_size // llm_config.num_attention_heads
-    return 2 * llm_config.num_key_value_heads * head_dim * context * batch * element_bytes
-
-
-def vision_activation_bytes(config: NVLM_D_Config, tiles: int, element_bytes: int = 2) -> int:
-    """Peak activations of the vision tower and projector on `tiles` tiles with SDPA (no score matrix): one
-    layer's input, q/k/v, and the MLP's two intermediates; then the projector's hidden layer."""
-    vision, llm = config.vision_config, config.llm_config
-    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
-    padded = (vision.num_attention_heads + vision.num_dummy_heads) * vision.head_dim
-    per_token = 4 * vision.hidden_size + 3 * padded + 2 * vision.intermediate_size
-    projector = tiles * config.num_image_token * 2 * llm.intermediate_size
-    return (tiles * tokens * per_token + projector) * element_bytes
-
-
-def decoder_activation_bytes(llm_config: PreTrainedConfig, context: int, batch: int, element_bytes: int = 2) -> int:
-    """Peak activations of one decoder layer during the prefill of `batch` x `context` tokens with SDPA: the
-    residual stream and its norm, q/k/v/o, and the MLP's gate, up and product."""
-    per_token = 6 * llm_config.hidden_size + 3 * llm_config.intermediate_size
-    return batch * context * per_token * element_bytes
-
-
 def build_meta_model(config: NVLM_D_Config | None = None) -> nn.Module:
     """NVLM-D (the 72B by default) on the meta device: shapes and names, no memory."""
     with init_empty_weights():
         return NVLM_D_Model(config if config is not None else NVLM_D_Config())
-
-
-def _special_dtypes(model: nn.Module, dtype: str) -> dict[str, torch.dtype | CustomDtype]:
-    if dtype not in ("int8", "int4"):
-        return {}
-    quantized = torch.int8 if dtype == "int8" else CustomDtype.INT4
-    return {name: quantized for name, _ in model.named_parameters() if re.match(QUANTIZED_MODULES, name)}
 
 
 def _device_of(name: str, device_map: dict[str, int | str]) -> int | str:
@@ -208,7 +181,7 @@ def _quiet_accelerate():
 
 def plan_device_map(
     num_gpus: int,
-    gpu_memory: int | str = "80GiB",
+    gpu_memory: int | str = DEFAULT_GPU_MEMORY,
     dtype: str = "bf16",
     context: int = 8192,
     batch: int = 1,
@@ -245,16 +218,16 @@ def plan_device_map(
     for name, value in (("num_gpus", num_gpus), ("context", context), ("batch", batch), ("tiles", tiles)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if dtype not in WEIGHT_BYTES:
-        raise ValueError(f"dtype must be one of {sorted(WEIGHT_BYTES)}, got {dtype!r}")
+    if dtype not in PLAN_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(PLAN_DTYPES)}, got {dtype!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
     capacity = parse_memory(gpu_memory)
     model = model if model is not None else build_meta_model()
     config = model.config
     element_dtype = torch.float16 if dtype == "fp16" else torch.bfloat16
-    special = _special_dtypes(model, dtype)
-    sizes = compute_module_sizes(model, dtype=element_dtype, special_dtypes=special)
+    special = quantized_tensor_dtypes(model, dtype)
+    sizes = tensor_bytes(model, dtype)
     kv_per_layer = kv_cache_bytes_per_layer(config.llm_config, context, batch)
     decoder_reserve = decoder_activation_bytes(config.llm_config, context, batch) + CUDA_OVERHEAD_BYTES
     reserve = [decoder_reserve + (vision_activation_bytes(config, tiles) if i == 0 else 0) for i in range(num_gpus)]
@@ -345,9 +318,8 @@ def smallest_gpu_count(max_gpus: int = 64, **plan_kwargs) -> DevicePlan | None:
     """The plan on the fewest GPUs that fits, or None if `max_gpus` are not enough. Takes the arguments of
     `plan_device_map` but `num_gpus` (`strategy` included: the count is the fewest on which that strategy fits)."""
     model = plan_kwargs.pop("model", None) or build_meta_model()
-    special = _special_dtypes(model, plan_kwargs.get("dtype", "bf16"))
-    weights = compute_module_sizes(model, dtype=torch.bfloat16, special_dtypes=special)[""]
-    fewest = max(1, math.ceil(weights / parse_memory(plan_kwargs.get("gpu_memory", "80GiB"))))
+    weights = tensor_bytes(model, plan_kwargs.get("dtype", "bf16"))[""]
+    fewest = max(1, math.ceil(weights / parse_memory(plan_kwargs.get("gpu_memory", DEFAULT_GPU_MEMORY))))
     for num_gpus in range(fewest, max_gpus + 1):
         plan = plan_device_map(num_gpus, model=model, **plan_kwargs)
         if plan.fits:

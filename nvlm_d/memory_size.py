@@ -6,6 +6,11 @@ from __future__ import annotations
 import re
 
 GIB = 1 << 30
+# The memory of one GPU that `nvlm-d plan`, `nvlm-d serve` and the fine-tuning planner assume unless told: what an
+# "80 GB" card shows to torch, rounded down. An H100 80GB reports a total capacity of about 79.1 GiB and an A100
+# 80GB about 79.2 GiB (`torch.cuda.get_device_properties(0).total_memory`), not 80 GiB: a default of 80GiB passed
+# plans that leave less than a gibibyte to spare. The CUDA context is reserved on top (sizing.CUDA_OVERHEAD_BYTES).
+DEFAULT_GPU_MEMORY = "79GiB"
 
 # Unit -> bytes. Binary units (KiB, MiB, ...) are powers of 1024, decimal ones (KB, MB, ...) powers of 1000, as
 # accelerate's `convert_file_size_to_int` counts them (`max_memory`); the case of the letters does not matter.

@@ -529,6 +529,15 @@ def test_tiles_prints_grid_tile_count_and_exact_token_count(cli_main, images, to
     assert rows["tokens"].split()[1] == str(tokens) and f"{7 * 256} image tokens" in rows["tokens"]
 
 
+def test_tiles_loads_no_model_library(cli_env, images, tmp_path):
+    """`nvlm-d tiles` loads no model, so it imports neither torch nor transformers (which took it to 8-10 s)."""
+    argv = ["tiles", str(images / "scene.png"), "--out", str(tmp_path / "tiles.png")]
+    result = run_process([sys.executable, "-c", STARTUP_PROBE, json.dumps([argv]), "torch", "transformers"], cli_env)
+    assert_ok(result)
+    assert json.loads(result.stdout) == {" ".join(argv): []}
+    assert (tmp_path / "tiles.png").is_file()
+
+
 def test_tiles_png_shows_the_resized_image_under_grid_lines_beside_the_thumbnail(cli_main, images, tmp_path):
     code, stderr = cli_main("tiles", images / "scene.png", "--out", tmp_path / "tiles.png")
     assert code == 0, stderr

@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageFile
 
 from nvlm_d import image_processing_nvlm_d as ip
+from nvlm_d import image_tiling
 from nvlm_d.image_processing_nvlm_d import (
     ImageTooLargeError,
     InvalidImageError,
@@ -399,7 +400,7 @@ def test_transform_rejects_non_images_and_bad_sizes():
 @pytest.mark.parametrize("max_num", range(1, 25))
 def test_candidate_grids_follow_the_cards_set_order(max_num):
     for min_num in range(1, max_num + 1):
-        assert list(ip._candidate_grids(min_num, max_num)) == card_target_ratios(min_num, max_num)
+        assert list(image_tiling._candidate_grids(min_num, max_num)) == card_target_ratios(min_num, max_num)
 
 
 def test_grid_choice_equals_the_cards_for_all_tile_ranges_up_to_12():
@@ -694,3 +695,10 @@ def test_sizes_table_covers_both_sides_of_the_448_tie_break():
     assert ip._closest_grid(1000, 500, 1, 12, 448) == (2, 1)
     assert ip._closest_grid(1400, 700, 1, 12, 448) == (4, 2)
     assert threshold == 802816
+
+
+def test_the_tile_constants_are_the_configs_defaults():
+    from nvlm_d.configuration_nvlm_d import NVLM_D_Config
+
+    config = NVLM_D_Config()
+    assert (image_tiling.TILE_SIZE, image_tiling.TOKENS_PER_TILE) == (config.force_image_size, config.num_image_token)

@@ -172,6 +172,37 @@ def test_serving_without_vllm_installed_is_a_clear_error(capsys, tiny_checkpoint
     assert f"vLLM is not installed for {sys.executable}" in err
 
 
+def test_a_python_named_without_a_path_is_found_on_path_and_runs_the_server(tiny_checkpoint, tmp_path):
+    """`--python python3` runs as a shell would run it (os.execv alone does not search PATH). The interpreter has a
+    stand-in `vllm` package whose server module prints what it was started with."""
+    server = tmp_path / "site" / "vllm" / "entrypoints" / "openai"
+    server.mkdir(parents=True)
+    for package in (server, server.parent, server.parent.parent):
+        (package / "__init__.py").write_text("")
+    (server / "api_server.py").write_text("import sys\nprint('stand-in vLLM server', *sys.argv[1:3])\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python-with-vllm").symlink_to(sys.executable)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
+    command = [sys.executable, "-m", "nvlm_d.cli", "serve", "--model", str(tiny_checkpoint), "--cpu"]
+    served = subprocess.run(
+        [*command, "--python", "python-with-vllm"], capture_output=True, text=True, env=env, timeout=1800
+    )
+    assert served.returncode == 0, served.stderr
+    assert served.stdout == f"stand-in vLLM server --model {tiny_checkpoint.resolve()}\n"
+
+
+def test_a_python_that_is_not_on_path_is_a_one_line_error(capsys, tiny_checkpoint):
+    code, command, err = serve(capsys, "--model", str(tiny_checkpoint), "--cpu", "--python", "no-such-python-3")
+    assert (code, command) == (2, [])
+    assert err.strip().splitlines()[-1].startswith("nvlm-d: error: ")
+    assert "no-such-python-3" in err and "Traceback" not in err
+
+
 def test_nodes_on_the_cpu_are_refused(capsys, tiny_checkpoint):
     code, _, err = serve(capsys, "--model", str(tiny_checkpoint), "--cpu", "--nodes", "2", "--print-command")
     assert code == 2

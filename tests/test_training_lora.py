@@ -14,6 +14,7 @@ from transformers import AutoModel
 from nvlm_d import NVLM_D_Model
 from nvlm_d.tiny import build_tiny_model
 from nvlm_d.training import ConversationDataset, DataCollator, apply_lora, freeze, merge_lora, save_merged
+from nvlm_d.training.lora import prepare_for_kbit_training
 
 peft = pytest.importorskip("peft", reason="LoRA needs peft (pip install -e '.[train]')")
 
@@ -144,3 +145,16 @@ def test_bad_lora_and_freeze_settings_are_refused():
         freeze(build_tiny_model(), ["decoder"])
     with pytest.raises(ValueError, match="nothing would train"):
         freeze(build_tiny_model(), ["vision", "mlp1", "llm"])
+
+
+def test_qlora_preparation_freezes_the_base_and_keeps_its_bf16_weights_in_bf16():
+    """peft's k-bit preparation casts every non-4-bit parameter to float32 (34 GiB more for NVLM-D-72B than the
+    memory planner counts); the package's keeps them as loaded, frozen, with checkpointing on."""
+    model = build_tiny_model().to(torch.bfloat16)
+    prepared = prepare_for_kbit_training(model)
+    assert {param.dtype for param in prepared.parameters()} == {torch.bfloat16}
+    assert not any(param.requires_grad for param in prepared.parameters())
+    assert prepared.is_gradient_checkpointing
+    adapted = apply_lora(prepared, r=4)
+    trained = {name for name, param in adapted.named_parameters() if param.requires_grad}
+    assert trained and all("lora_" in name or "modules_to_save" in name for name in trained)

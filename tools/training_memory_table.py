@@ -1,14 +1,15 @@
 """Print the fine-tuning memory table of docs/finetuning.md: how many 80 GB GPUs each recipe needs for NVLM-D-72B,
 planned on the meta device (no weights) by nvlm_d.training.memory.
 
-    python tools/training_memory_table.py [--gpu-memory 80GiB] [--context 4096]
+    python tools/training_memory_table.py [--gpu-memory 79GiB] [--context 4096]
 """
 
 from __future__ import annotations
 
 import argparse
 
-from nvlm_d.device_map import GIB, build_meta_model
+from nvlm_d.device_map import build_meta_model
+from nvlm_d.sizing import DEFAULT_GPU_MEMORY, GIB
 from nvlm_d.training.memory import fewest_gpus
 
 RECIPES = [
@@ -23,7 +24,7 @@ RECIPES = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpu-memory", default="80GiB")
+    parser.add_argument("--gpu-memory", default=DEFAULT_GPU_MEMORY)
     parser.add_argument("--context", type=int, default=4096)
     args = parser.parse_args()
     model = build_meta_model()

@@ -5,7 +5,7 @@
     nvlm-d tiles IMAGE [--out tiles.png]          how an image is tiled, and what it costs in tokens
     nvlm-d batch --model PATH --input R.jsonl --output A.jsonl
                                                   resumable, crash-safe batch inference
-    nvlm-d plan [--gpus N] [--gpu-memory 80GiB]   how NVLM-D-72B fits on GPUs, without weights
+    nvlm-d plan [--gpus N] [--gpu-memory 79GiB]   how NVLM-D-72B fits on GPUs, without weights
     nvlm-d serve --model PATH --gpus N            serve it with vLLM (OpenAI-compatible), one machine or several
     nvlm-d finetune --model PATH --data D.jsonl --output DIR
                                                   fine-tune (LoRA, QLoRA, full) on one GPU or many

@@ -40,11 +40,11 @@ from .common import (
     is_int,
     is_number,
     load_model,
+    model_option,
     non_negative_int,
     one_line,
     open_image,
     positive_int,
-    resolve_model,
     resolve_placement,
     say,
     stack_images,
@@ -408,7 +408,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         raise CLIError("--output must not be the --input file")
     if output_path.is_dir():
         raise CLIError(f"--output {args.output}: is a directory")
-    source = resolve_model(args.model)
+    source = model_option(args.model)
     requests = read_requests(input_path)
     placement = resolve_placement(args)
 

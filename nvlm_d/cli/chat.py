@@ -21,9 +21,9 @@ from .common import (
     add_placement_options,
     check_placeholders,
     load_model,
+    model_option,
     one_line,
     open_image,
-    resolve_model,
     resolve_placement,
     say,
     stack_images,
@@ -116,7 +116,7 @@ def _stoppable(generation_config: dict, stop: threading.Event) -> dict:
 
 
 def _run_chat(args: argparse.Namespace) -> int:
-    source = resolve_model(args.model)
+    source = model_option(args.model)
     one_shot = args.question is not None
     if one_shot:
         if not args.question.strip():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import sys
 import threading
 import time
@@ -14,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from ..conversation import IMAGE_PLACEHOLDER
+from ..model_source import ModelSource, resolve_model
 
 PROG = "nvlm-d"
 DEFAULT_MAX_NUM = 6  # tiles per image at most (the model card's example uses 6; load_image's default is 12)
 DEFAULT_MAX_NEW_TOKENS = 1024  # the model card's generation_config
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class CLIError(Exception):
@@ -147,10 +145,10 @@ class TileSpec:
 
     @classmethod
     def default(cls) -> TileSpec:
-        """NVLM-D-72B's, from the package's config defaults: for commands that load no model."""
-        from ..configuration_nvlm_d import NVLM_D_Config
+        """NVLM-D-72B's (its config's defaults): for commands that load no model."""
+        from ..image_tiling import TILE_SIZE, TOKENS_PER_TILE
 
-        return cls.of(NVLM_D_Config())
+        return cls(TILE_SIZE, TOKENS_PER_TILE)
 
 
 @dataclasses.dataclass
@@ -188,41 +186,32 @@ class OpenedImage:
 
 
 def open_image(path: str | os.PathLike) -> OpenedImage:
-    """Decode an image file, or raise CLIError with one line saying why not. Every command opens images here, so
-    the same bad file gives the same message everywhere. Decoding needs no model: commands call this before
-    loading one, so that a bad image fails at once."""
-    from PIL import Image, UnidentifiedImageError
+    """Decode an image file with the library's `open_image` (as `load_image` decodes it), or raise CLIError with
+    one line saying why not. Every command opens images here, so the same bad file gives the same message
+    everywhere. Decoding needs no model: commands call this before loading one, so that a bad image fails at once."""
+    from ..image_tiling import ImageTooLargeError, InvalidImageError
+    from ..image_tiling import open_image as decode
 
     name = os.fspath(path)
-    if not os.path.exists(name):
-        raise CLIError(f"image not found: {name}")
-    if os.path.isdir(name):
-        raise CLIError(f"image is a directory, not a file: {name}")
     try:
-        with Image.open(name) as image:
-            image.load()
-    except Image.DecompressionBombError as exc:
-        raise CLIError(f"image too large: {name}: {one_line(exc)}") from None
-    except UnidentifiedImageError:
-        empty = os.path.isfile(name) and os.path.getsize(name) == 0
-        why = "the file is empty (0 bytes)" if empty else "not an image in a format Pillow can read"
-        raise CLIError(f"cannot read image {name}: {why}") from None
-    except OSError as exc:
-        if exc.errno is not None:  # the file system's error (permission denied, ...), not the data's
-            raise CLIError(f"cannot read image {name}: {exc.strerror}") from None
-        raise CLIError(f"cannot read image {name}: cannot decode the image data ({one_line(exc)})") from None
-    except MemoryError:
-        raise
-    except Exception as exc:  # Pillow's plugins report bad data with many exception types
-        raise CLIError(f"cannot read image {name}: cannot decode the image data ({one_line(exc)})") from None
-    if image.size[0] == 0 or image.size[1] == 0:
-        raise CLIError(f"image has no pixels: {name}")
-    if image.mode == "RGB":
-        return OpenedImage(name, image)
-    try:
-        return OpenedImage(name, image.convert("RGB"))
-    except ValueError as exc:
-        raise CLIError(f"cannot read image {name}: cannot convert mode {image.mode} to RGB ({one_line(exc)})") from None
+        return OpenedImage(name, decode(name))
+    except FileNotFoundError:
+        raise CLIError(f"image not found: {name}") from None
+    except IsADirectoryError:
+        raise CLIError(f"image is a directory, not a file: {name}") from None
+    except ImageTooLargeError as exc:
+        raise CLIError(f"image too large: {name}: {_about_the_image(exc, name)}") from None
+    except InvalidImageError as exc:
+        raise CLIError(f"cannot read image {name}: {_about_the_image(exc, name)}") from None
+    except OSError as exc:  # the file system's error (permission denied, ...), not the data's
+        raise CLIError(f"cannot read image {name}: {exc.strerror or one_line(exc)}") from None
+    except ValueError as exc:  # no pixels, or a mode that does not convert to RGB
+        raise CLIError(f"cannot read image {name}: {_about_the_image(exc, name)}") from None
+
+
+def _about_the_image(exc: Exception, name: str) -> str:
+    """The library's message without the image's name in front (the CLI's message names the path itself)."""
+    return one_line(exc).removeprefix(f"{name!r}: ")
 
 
 def tile_image(opened: OpenedImage, max_num: int, spec: TileSpec) -> TiledImage:
@@ -272,66 +261,15 @@ def stack_images(images: Sequence[TiledImage]) -> tuple[Any, list[int] | None]:
 # --------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSource:
-    """What `--model` names: a local directory, or a Hub id and whether to load it from the cache only."""
-
-    path: str
-    local_files_only: bool = False
-
-
-def resolve_model(path: str) -> ModelSource:
-    """A local model directory (must hold config.json) or, when no such path exists, a Hub id (see `_hub_model`)."""
-    local = Path(path).expanduser()
-    if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise CLIError(f"--model {path}: not a model directory (no config.json in it)")
-        return ModelSource(str(local))
-    if local.exists():
-        raise CLIError(f"--model {path}: is a file; expected a model directory (with config.json)")
-    if _HUB_ID.fullmatch(path):
-        return _hub_model(path)
-    raise CLIError(f"--model {path}: no such directory")
-
-
-def _hub_model(repo_id: str) -> ModelSource:
-    """A Hub id, checked before anything is loaded: from the cache when HF_HUB_OFFLINE is set or the Hub cannot be
-    reached, downloaded (by transformers) otherwise.
-
-    One request to the Hub decides. Without it, an unreachable Hub costs huggingface_hub's retries (about 23 s a
-    file, several files) before transformers reports it."""
-    from huggingface_hub import HfApi, constants, try_to_load_from_cache
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
-    cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    if constants.HF_HUB_OFFLINE:
-        if not cached:
-            raise CLIError(
-                f"--model {repo_id}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE "
-                f"forbids downloading it: download it first (hf download {repo_id}) or pass a local directory"
-            )
-        return ModelSource(repo_id, local_files_only=True)
+def model_option(name: str, contact_hub: bool = True) -> ModelSource:
+    """`--model`: `nvlm_d.model_source.resolve_model`, its errors as one `--model ...` line, its note on stderr."""
     try:
-        HfApi().model_info(repo_id, timeout=10)
-    except GatedRepoError:
-        raise CLIError(
-            f"--model {repo_id}: the repository is gated: accept its terms on huggingface.co and log in (hf auth login)"
-        ) from None
-    except RepositoryNotFoundError:
-        raise CLIError(
-            f"--model {repo_id}: no such model on the Hugging Face Hub, and no such local directory "
-            "(a private repository needs hf auth login)"
-        ) from None
-    except Exception as exc:  # no network, DNS, proxy, timeout, a server error
-        if cached:
-            say(f"{PROG}: the Hugging Face Hub is unreachable ({one_line(exc)}); using the cached {repo_id}")
-            return ModelSource(repo_id, local_files_only=True)
-        raise CLIError(
-            f"--model {repo_id}: cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({one_line(exc)}) and "
-            f"the model is not in the cache ({constants.HF_HUB_CACHE}): download it where there is a network "
-            f"(hf download {repo_id}) or pass a local directory"
-        ) from None
-    return ModelSource(repo_id)
+        source = resolve_model(name, contact_hub)
+    except ValueError as exc:
+        raise CLIError(f"--model {exc}") from None
+    if source.note:
+        say(f"{PROG}: {source.note}")
+    return source
 
 
 @dataclasses.dataclass

@@ -23,10 +23,10 @@ from .common import (
     check_placeholders,
     fsync_dir,
     load_model,
+    model_option,
     one_line,
     open_image,
     quiet_transformers,
-    resolve_model,
     resolve_placement,
     stack_images,
     tile_image,
@@ -258,7 +258,7 @@ def _prompt_tokens(model: Any, tokenizer: Any, question: str, num_patches_list: 
 
 def _run_demo(args: argparse.Namespace) -> int:
     tiny = args.model is None
-    source = resolve_model(args.model) if not tiny else None
+    source = model_option(args.model) if not tiny else None
     started = time.perf_counter()
     opened = open_image(args.image) if args.image is not None else None  # a bad image fails before the model loads
     open_seconds = time.perf_counter() - started

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .common import CLIError, one_line, positive_int, resolve_model, say
+from .common import CLIError, model_option, one_line, positive_int, say
 
 PARTS = ("vision", "mlp1", "llm")
 # Written in --output once the model is saved: the step it is from and the length asked for (see `training_done`).
@@ -385,7 +385,7 @@ def _summary(steps_before: int, global_step: int, mean_loss: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    source = resolve_model(args.model)
+    source = model_option(args.model)
     check_output(args.output, source.path)
     output = Path(args.output)
     done = training_done(output, args)

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..memory_size import parse_memory
-from .common import CLIError, one_line, positive_int, quiet_transformers, resolve_model
+from ..memory_size import DEFAULT_GPU_MEMORY, parse_memory
+from .common import CLIError, model_option, one_line, positive_int, quiet_transformers
 
 MAX_GPUS = 64  # the largest GPU count searched for a plan that fits
 
@@ -27,7 +27,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--gpus", type=positive_int, metavar="N", help="GPUs to plan for (default: the fewest that fit)"
     )
     parser.add_argument(
-        "--gpu-memory", type=_memory, default="80GiB", metavar="SIZE", help="memory per GPU (default: 80GiB)"
+        "--gpu-memory",
+        type=_memory,
+        default=DEFAULT_GPU_MEMORY,
+        metavar="SIZE",
+        help=f"memory per GPU (default: {DEFAULT_GPU_MEMORY}, what an 80 GB card shows to torch)",
     )
     parser.add_argument(
         "--strategy",
@@ -79,7 +83,7 @@ def _memory(text: str) -> str:
 def _run_plan(args: argparse.Namespace) -> int:
     config = None
     if args.model:
-        source = resolve_model(args.model)
+        source = model_option(args.model)
         quiet_transformers()
         from transformers import AutoConfig
 

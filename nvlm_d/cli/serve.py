@@ -23,15 +23,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
-import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .common import PROG, CLIError, one_line, positive_int, say
+from ..memory_size import DEFAULT_GPU_MEMORY
+from .common import PROG, CLIError, model_option, one_line, positive_int, say
 
 if TYPE_CHECKING:
     from ..configuration_nvlm_d import NVLM_D_Config
@@ -40,8 +42,6 @@ VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 VLLM_PYTHON_ENV = "NVLM_D_VLLM_PYTHON"
 GPU_MEMORY_UTILIZATION = 0.9  # the share of each GPU vLLM may use (its default)
 RAY_PORT = 6379  # the port vLLM's multi-node examples start Ray's head on
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -93,9 +93,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=positive_int, default=8000, help="port to listen on (default: 8000)")
     parser.add_argument(
         "--gpu-memory",
-        default="80GiB",
+        default=DEFAULT_GPU_MEMORY,
         metavar="SIZE",
-        help="memory of one GPU, for the fit check (default: 80GiB)",
+        help=f"memory of one GPU, for the fit check (default: {DEFAULT_GPU_MEMORY}, what an 80 GB card shows to torch)",
     )
     parser.add_argument(
         "--kv-cache-memory",
@@ -126,27 +126,21 @@ class ModelInfo:
     note: str | None = None  # how the config was found, when that is worth saying
 
 
-def resolve_model(name: str) -> ModelInfo:
+def model_info(name: str) -> ModelInfo:
     """A local NVLM-D directory, or a Hub id whose config is read from the Hugging Face cache (no download).
 
     A Hub id that is not cached is planned with NVLM-D-72B's architecture (the package's defaults); vLLM downloads
     the model itself."""
     from ..configuration_nvlm_d import NVLM_D_Config
+    from ..model_source import cached_config
 
-    local = Path(name).expanduser()
+    source = model_option(name, contact_hub=False)
+    local = Path(source.path)
     if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise CLIError(f"--model {name}: not a model directory (no config.json in it)")
         return ModelInfo(str(local.resolve()), _read_config(local / "config.json", name))
-    if local.exists():
-        raise CLIError(f"--model {name}: is a file; expected a model directory (with config.json)")
-    if not _HUB_ID.fullmatch(name):
-        raise CLIError(f"--model {name}: no such directory, and not a Hub id (owner/name)")
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(name, "config.json")
-    if isinstance(cached, str):
-        return ModelInfo(name, _read_config(Path(cached), name), f"config of {name} from the Hugging Face cache")
+    cached = cached_config(name)
+    if cached is not None:
+        return ModelInfo(name, _read_config(cached, name), f"config of {name} from the Hugging Face cache")
     note = f"{name} is not in the Hugging Face cache: planned with NVLM-D-72B's architecture; vLLM downloads it"
     return ModelInfo(name, NVLM_D_Config(), note)
 
@@ -231,21 +225,20 @@ class ModelBytes:
 
     @classmethod
     def of(cls, config: NVLM_D_Config, element_bytes: int) -> ModelBytes:
-        """From the model built on the meta device (no memory, no weights)."""
-        from ..device_map import DECODER_LAYER, build_meta_model, kv_cache_bytes_per_layer
+        """From the model built on the meta device (no memory, no weights), `element_bytes` a weight (2 for bf16
+        and fp16, 4 for fp32), as nvlm_d.sizing counts them."""
+        from ..device_map import build_meta_model
+        from ..sizing import component_bytes, kv_cache_bytes_per_token
 
-        llm = config.llm_config
-        first, last, layers = 0, 0, [0] * llm.num_hidden_layers
-        for name, param in build_meta_model(config).named_parameters():
-            size = param.numel() * element_bytes
-            if match := re.match(DECODER_LAYER, name):
-                layers[int(match.group(1))] += size
-            elif name.startswith(("language_model.model.norm", "language_model.lm_head")):
-                last += size
-            else:
-                first += size
-        kv = kv_cache_bytes_per_layer(llm, context=1, batch=1, element_bytes=element_bytes)
-        return cls(first, layers, last, kv)
+        parts = component_bytes(build_meta_model(config), "fp32")
+        scale = element_bytes / 4
+        first = parts.vision + parts.projector + parts.embeddings + parts.other
+        return cls(
+            int(first * scale),
+            [int(layer * scale) for layer in parts.layers],
+            int((parts.norm + parts.head) * scale),
+            kv_cache_bytes_per_token(config.llm_config, element_bytes),
+        )
 
     def per_gpu(self, layout: Layout) -> list[tuple[range, int, int]]:
         """For each pipeline stage: its decoder layers, the weight bytes on each of its GPUs, and the KV-cache bytes
@@ -280,14 +273,14 @@ def smallest_layout(config: NVLM_D_Config, sizes: ModelBytes, usable: float, nod
 def check_memory(config: NVLM_D_Config, layout: Layout, dtype: str, gpu_memory: str, context: int) -> list[str]:
     """Lines describing the weights each GPU holds and the KV-cache room left; CLIError when the weights alone
     exceed what vLLM may use of a GPU."""
-    from ..device_map import GIB, parse_memory
+    from ..sizing import GIB, WEIGHT_BYTES, parse_memory, weight_dtype
 
     try:
         capacity = parse_memory(gpu_memory)
     except ValueError as exc:
         raise CLIError(f"--gpu-memory: {exc}") from None
     usable = capacity * GPU_MEMORY_UTILIZATION
-    sizes = ModelBytes.of(config, DTYPE_BYTES[dtype])
+    sizes = ModelBytes.of(config, WEIGHT_BYTES[weight_dtype(dtype)])
     stages = sizes.per_gpu(layout)
     heaviest = max(weights for _, weights, _ in stages)
     if heaviest > usable:
@@ -298,6 +291,13 @@ def check_memory(config: NVLM_D_Config, layout: Layout, dtype: str, gpu_memory: 
             if better
             else "no layout of up to 8 GPUs a node fits"
         )
+        needed = math.ceil((sizes.first + sum(sizes.layers) + sizes.last) / usable)
+        if better and better.tensor_parallel * better.pipeline_parallel > needed:
+            splits = ", ".join(str(size) for size in tensor_parallel_sizes(config) if size <= 8)
+            advice = (
+                f"the weights need {needed} GPUs of {gpu_memory}, but tensor parallelism must split the heads "
+                f"({splits} GPUs a node): {advice}"
+            )
         raise CLIError(
             f"does not fit: about {heaviest / GIB:.1f} GiB of {dtype} weights per GPU, more than the "
             f"{usable / GIB:.1f} GiB vLLM may use of a {gpu_memory} GPU ({GPU_MEMORY_UTILIZATION:.0%}): {advice}"
@@ -326,8 +326,10 @@ def resolved_dtype(requested: str, config: NVLM_D_Config) -> str:
     """The dtype vLLM will use: `auto` is the config's (float16 and bfloat16 configs keep theirs)."""
     if requested != "auto":
         return requested
+    from ..sizing import TORCH_DTYPE_NAMES
+
     configured = str(getattr(config, "dtype", None) or "bfloat16").removeprefix("torch.")
-    return configured if configured in DTYPE_BYTES else "bfloat16"
+    return configured if configured in TORCH_DTYPE_NAMES else "bfloat16"
 
 
 def build_command(python: str, model: ModelInfo, layout: Layout | None, args: argparse.Namespace) -> list[str]:
@@ -352,7 +354,7 @@ def build_command(python: str, model: ModelInfo, layout: Layout | None, args: ar
 
 def _memory_bytes(size: str, option: str) -> int:
     """Bytes from `1GiB`, `512MB` or a plain number of bytes."""
-    from ..device_map import parse_memory
+    from ..memory_size import parse_memory
 
     try:
         return parse_memory(int(size) if size.isdigit() else size)
@@ -384,6 +386,16 @@ def vllm_python(args: argparse.Namespace) -> str:
     return args.python or os.environ.get(VLLM_PYTHON_ENV) or sys.executable
 
 
+def executable_path(python: str) -> str:
+    """The file `python` names, found as a shell finds it: a bare name (`python3`) on PATH, a path as it is.
+    `os.execv` does not search PATH, so the command is run by this path."""
+    found = shutil.which(python)
+    if found is None:
+        where = "on PATH" if os.sep not in python else "or it is not executable"
+        raise CLIError(f"the Python interpreter {python} was not found {where}: see --python or {VLLM_PYTHON_ENV}")
+    return found
+
+
 def check_vllm(python: str, needs_ray: bool) -> None:
     """CLIError unless `python` runs and can import vLLM (and Ray for several nodes); nothing is imported."""
     modules = ["vllm"] + (["ray"] if needs_ray else [])
@@ -408,7 +420,7 @@ def check_vllm(python: str, needs_ray: bool) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     if args.cpu and args.nodes != 1:
         raise CLIError("--nodes needs --gpus: the CPU server runs on one machine")
-    model = resolve_model(args.model)
+    model = model_info(args.model)
     python = vllm_python(args)
     layout = None if args.cpu else choose_layout(model.config, args.gpus, args.nodes)
     command = build_command(python, model, layout, args)
@@ -432,7 +444,11 @@ def _run_serve(args: argparse.Namespace) -> int:
         print(shlex.join(command))
         return 0
     check_vllm(python, needs_ray=layout is not None and layout.pipeline_parallel > 1)
+    executable = executable_path(python)
     say(f"{PROG} serve: {shlex.join(command)}")
     sys.stdout.flush()
-    os.execv(python, command)
+    try:
+        os.execv(executable, command)
+    except OSError as exc:
+        raise CLIError(f"cannot start {executable}: {exc.strerror or one_line(exc)}") from None
     return 1  # not reached: exec replaces this process

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..conversation import image_prompt, tile_tags
-from .common import CLIError, TileSpec, add_max_num, one_line, open_image, quiet_transformers
+from .common import CLIError, TileSpec, add_max_num, one_line, open_image
 
 PACKAGE_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "tokenizer"
 
@@ -50,14 +50,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def count_image_tokens(num_tiles: int, tokens_per_tile: int) -> int | None:
     """Exact prompt tokens of one image of `num_tiles` tiles (`conversation.image_prompt`), counted with the
-    package's tokenizer files; None when they are not installed."""
-    if not (PACKAGE_TOKENIZER_DIR / "tokenizer_config.json").is_file():
+    package's tokenizer.json; None when it is not installed. The `tokenizers` library reads the file that
+    transformers' fast tokenizer wraps (same ids) without importing transformers and torch, which would be most
+    of this command's time."""
+    path = PACKAGE_TOKENIZER_DIR / "tokenizer.json"
+    if not path.is_file():
         return None
-    quiet_transformers()
-    from transformers import AutoTokenizer
+    from tokenizers import Tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(PACKAGE_TOKENIZER_DIR))
-    return len(tokenizer(image_prompt(num_tiles, tokens_per_tile), add_special_tokens=False).input_ids)
+    tokenizer = Tokenizer.from_file(str(path))
+    return len(tokenizer.encode(image_prompt(num_tiles, tokens_per_tile), add_special_tokens=False).ids)
 
 
 def picture_path(out: str | None, image: str) -> tuple[Path, str]:
@@ -135,7 +137,7 @@ def render_tiles_png(tiles: Sequence[Any], grid: tuple[int, int], title: str, ti
 def _run_tiles(args: argparse.Namespace) -> int:
     out, picture_format = picture_path(args.out, args.image)
     opened = open_image(args.image)
-    from ..image_processing_nvlm_d import dynamic_preprocess, select_grid
+    from ..image_tiling import dynamic_preprocess, select_grid
 
     spec = TileSpec.default()
     side = spec.size

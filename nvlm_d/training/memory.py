@@ -21,26 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 
-import torch
-from accelerate.utils import compute_module_sizes
 from torch import nn
 
-from ..device_map import (
-    CUDA_OVERHEAD_BYTES,
-    GIB,
-    build_meta_model,
-    decoder_activation_bytes,
-    parse_memory,
-    vision_activation_bytes,
-)
-from ..device_map import _special_dtypes as special_dtypes
+from .. import sizing
+from ..device_map import build_meta_model
+from ..sizing import CUDA_OVERHEAD_BYTES, DEFAULT_GPU_MEMORY, FRAGMENTATION, GIB, TRAINED_STATE_BYTES, parse_memory
 from .lora import lora_target_pattern
 
 RECIPES = ("lora", "qlora", "full")
-TRAINED_STATE_BYTES = 16  # parameter + gradient + fp32 master + two AdamW moments
-FRAGMENTATION = 0.10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,37 +57,7 @@ def _parts(name: str) -> str:
 
 def lora_parameters(model: nn.Module, rank: int, parts: set[str]) -> int:
     """Parameters of rank-`rank` LoRA adapters on the layers `apply_lora` adapts in `parts`: r x (in + out) each."""
-    pattern = re.compile(lora_target_pattern(parts & {"llm", "vision"}))
-    return sum(
-        rank * (module.in_features + module.out_features)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and pattern.fullmatch(name)
-    )
-
-
-def _largest_unit_bytes(model: nn.Module, sizes: dict[str, int]) -> int:
-    """The largest FSDP2 shard unit of `model.fsdp_plan` (a decoder layer for the 72B; the ViT's are smaller)."""
-    largest = 0
-    for name, _ in model.named_modules():
-        rule = re.sub(r"\.\d+(?=\.|$)", ".*", name)
-        if name and rule in model.fsdp_plan and model.fsdp_plan[rule] == "free_full_weight":
-            largest = max(largest, sizes[name])
-    return largest
-
-
-def _activation_bytes(model: nn.Module, recipe: str, frozen: set[str], context: int, batch: int, tiles: int) -> int:
-    config = model.config
-    llm, vision = config.llm_config, config.vision_config
-    layer_inputs = llm.num_hidden_layers * batch * context * llm.hidden_size * 2
-    recomputed = 2 * decoder_activation_bytes(llm, context, batch)
-    logits = batch * context * llm.vocab_size * 10
-    if "vision" in frozen:
-        vision_bytes = vision_activation_bytes(config, tiles)
-    else:
-        tokens = (vision.image_size // vision.patch_size) ** 2 + 1
-        vision_bytes = vision.num_hidden_layers * tiles * tokens * vision.hidden_size * 2
-        vision_bytes += 2 * vision_activation_bytes(config, tiles)
-    return layer_inputs + recomputed + logits + vision_bytes
+    return sizing.lora_parameters(model, rank, lora_target_pattern(parts & {"llm", "vision"}))
 
 
 def training_memory(
@@ -126,9 +85,7 @@ def training_memory(
         raise ValueError("QLoRA keeps a whole 4-bit copy on each GPU (not sharded): plan it on 1 GPU")
     model = model if model is not None else build_meta_model()
     frozen_parts = set(frozen)
-    stored = compute_module_sizes(
-        model, dtype=torch.bfloat16, special_dtypes=special_dtypes(model, "int4" if recipe == "qlora" else "bf16")
-    )
+    stored = sizing.tensor_bytes(model, "int4" if recipe == "qlora" else "bf16")
     counts = {"vision": 0, "mlp1": 0, "llm": 0}
     for name, param in model.named_parameters():
         counts[_parts(name)] += param.numel()
@@ -141,12 +98,14 @@ def training_memory(
     states = (trained * TRAINED_STATE_BYTES + frozen_bytes) // gpus
     gathered = 0
     if gpus > 1:
-        gathered = 2 * _largest_unit_bytes(model, stored) + stored["language_model.lm_head"]
-    activations = _activation_bytes(model, recipe, frozen_parts, context, batch, tiles)
+        gathered = 2 * sizing.largest_shard_unit_bytes(model, stored) + stored["language_model.lm_head"]
+    activations = sizing.training_activation_bytes(model.config, "vision" not in frozen_parts, context, batch, tiles)
     return TrainingMemory(recipe, gpus, trained, int(states), int(gathered), int(activations))
 
 
-def fewest_gpus(recipe: str, gpu_memory: int | str = "80GiB", max_gpus: int = 512, **kwargs) -> TrainingMemory | None:
+def fewest_gpus(
+    recipe: str, gpu_memory: int | str = DEFAULT_GPU_MEMORY, max_gpus: int = 512, **kwargs
+) -> TrainingMemory | None:
     """The plan on the fewest GPUs (a power of two up to 8, then whole 8-GPU nodes) whose per-GPU memory fits in
     `gpu_memory`, or None. Takes `training_memory`'s other arguments."""
     capacity = parse_memory(gpu_memory)

@@ -1,0 +1,1 @@
+nvlm_d/image_tiling.py
