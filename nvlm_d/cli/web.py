@@ -20,7 +20,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             "Serve a chat page: upload images, see how each is tiled, ask, follow up. With no --model it serves "
             "the tiny demo model (random weights) so that it runs offline; --model serves a real checkpoint in this "
             "process; --openai-url puts the page in front of a running OpenAI-compatible server (nvlm-d serve). "
-            "Needs the web extra: pip install 'nvlm-d[web]'."
+            "Needs the web extra: pip install -e ".[web]"."
         ),
     )
     source = parser.add_mutually_exclusive_group()
@@ -65,7 +65,7 @@ def _backend(args: argparse.Namespace):
             return OpenAIBackend(args.openai_url, args.api_key, args.openai_model, timeout=args.timeout), ""
         except ValueError as exc:
             raise CLIError(f"--openai-url: {exc}") from None
-    from .common import ModelSource, load_model, resolve_model, resolve_placement
+    from .common import ModelSource, load_model, model_option, resolve_placement
     from .demo import ensure_tiny_checkpoint
 
     placement = resolve_placement(args)
@@ -74,7 +74,7 @@ def _backend(args: argparse.Namespace):
         source = ModelSource(str(checkpoint))
         note = "The tiny demo model has random weights: its answers are gibberish. Serve a real one with --model."
     else:
-        source, note = resolve_model(args.model), ""
+        source, note = model_option(args.model), ""
     say(f"nvlm-d web: loading {source.path} on {placement.description}")
     model, tokenizer = load_model(source, placement, args.gpus)
     return InProcessBackend(model, tokenizer, name=source.path), note
@@ -84,7 +84,7 @@ def _run_web(args: argparse.Namespace) -> int:
     try:
         import gradio  # noqa: F401
     except ImportError:
-        raise CLIError("the web page needs Gradio: pip install 'nvlm-d[web]'") from None
+        raise CLIError("the web page needs Gradio: pip install -e ".[web]"") from None
     from ..web import Settings, build_app
     from ..web.backends import MAX_TILES_RANGE
 
