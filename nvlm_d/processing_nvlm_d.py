@@ -89,8 +89,8 @@ class NVLM_D_Processor(ProcessorMixin):
         if saved is not None:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         logger.info(
-            f"{pretrained_model_name_or_path} has no {PROCESSOR_NAME}: NVLM-D's processor is built from its config.json "
-            "(tiling limits) and its tokenizer, with NVLM's chat template"
+            f"{pretrained_model_name_or_path} has no {PROCESSOR_NAME}: NVLM-D's processor is built from its "
+            "config.json (tiling limits) and its tokenizer, with NVLM's chat template"
         )
         config = NVLM_D_Config.from_pretrained(pretrained_model_name_or_path, **lookup)
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)

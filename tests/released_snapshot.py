@@ -39,7 +39,7 @@ RELEASED_CODE = (
 )
 STAND_IN_CODE = (
     '"""Stands in for NVIDIA\'s transformers-4.39 remote code, which fails to import on transformers 5."""\n\n'
-    "raise ModuleNotFoundError(\"No module named 'einops'\", name=\"einops\")\n"
+    'raise ModuleNotFoundError("No module named \'einops\'", name="einops")\n'
 )
 # Released file name -> its copy in the reference data.
 REFERENCE_FILES = {
@@ -73,7 +73,8 @@ def released_tensor_names(reference_dir: Path, vision_layers: int, llm_layers: i
 
 def released_float32_names(reference_dir: Path) -> set[str]:
     """Tensors the released shards store in float32 (reference_facts.md, A.6); the rest are bfloat16."""
-    rows = (line.split("\t") for line in (reference_dir / "nvlm_d_72b_weight_dtypes_inferred.tsv").read_text().splitlines())
+    table = (reference_dir / "nvlm_d_72b_weight_dtypes_inferred.tsv").read_text()
+    rows = (line.split("\t") for line in table.splitlines())
     return {row[0] for row in rows if len(row) > 2 and row[2].strip().upper() in ("F32", "FLOAT32")}
 
 
@@ -106,7 +107,8 @@ def build_released_snapshot(
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     expected = released_tensor_names(reference_dir, vision["num_hidden_layers"], llm["num_hidden_layers"])
     if set(state) != expected:
-        raise ValueError(f"the tiny model's tensor names differ from the released ones: {sorted(set(state) ^ expected)}")
+        differing = sorted(set(state) ^ expected)
+        raise ValueError(f"the tiny model's tensor names differ from the released ones: {differing}")
     float32 = released_float32_names(reference_dir)
     write_released_shards(directory, reference_dir, state, float32)
     return directory
