@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 from released_snapshot import build_released_snapshot
+from test_remote_code import BLOCK_NVLM_D, OUTER_LIMIT_S
 from transformers import (
     AutoModel,
     AutoModelForImageTextToText,
@@ -36,7 +37,6 @@ import nvlm_d
 from nvlm_d import build_prompt, load_image
 from nvlm_d.cli import main
 from nvlm_d.remote_code import remote_code_files
-from test_remote_code import BLOCK_NVLM_D, OUTER_LIMIT_S
 
 MAX_NEW_TOKENS = 6
 GREEDY = {"max_new_tokens": MAX_NEW_TOKENS, "do_sample": False}
@@ -75,11 +75,18 @@ def case(name: str, images: dict[str, Path]) -> dict:
         ]
         question = "Image-1: <image>\nImage-2: <image>\nCompare them."
         return {"messages": content, "question": question, "images": [wide, small]}
-    return {"messages": [{"type": "text", "text": "Hello, who are you?"}], "question": "Hello, who are you?", "images": []}
+    question = "Hello, who are you?"
+    return {"messages": [{"type": "text", "text": question}], "question": question, "images": []}
 
 
 def messages_of(conversation: dict) -> list[dict]:
     return [{"role": "user", "content": conversation["messages"]}]
+
+
+def processor_inputs(processor, conversation: dict):
+    return processor.apply_chat_template(
+        messages_of(conversation), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
 
 
 def tiles_of(conversation: dict) -> list[torch.Tensor]:
@@ -151,9 +158,7 @@ def test_the_snapshots_processor_takes_its_tile_limit_from_config_json(snapshot,
 def test_apply_chat_template_on_the_snapshot_gives_chats_prompt_ids_and_pixels(
     name, snapshot_processor, images, expected
 ):
-    inputs = snapshot_processor.apply_chat_template(
-        messages_of(case(name, images)), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
+    inputs = processor_inputs(snapshot_processor, case(name, images))
     assert inputs["input_ids"][0].tolist() == expected[name]["input_ids"]
     if expected[name]["pixel_values"] is None:
         assert "pixel_values" not in inputs
@@ -165,9 +170,10 @@ def test_the_snapshots_text_prompt_has_nvlms_system_message_not_qwens(snapshot_p
     text = snapshot_processor.apply_chat_template(messages_of(case("text", images)), add_generation_prompt=True)
     assert text == build_prompt("Hello, who are you?")
     assert text.startswith("<|im_start|>system\nAnswer the questions.<|im_end|>")
-    assert snapshot_processor.tokenizer.apply_chat_template(messages_of(case("text", images)), tokenize=False) == text[
-        : -len("<|im_start|>assistant\n")
-    ]
+    assert (
+        snapshot_processor.tokenizer.apply_chat_template(messages_of(case("text", images)), tokenize=False)
+        == text[: -len("<|im_start|>assistant\n")]
+    )
 
 
 def test_the_snapshots_processor_expands_image_placeholders_in_plain_text(snapshot_processor, images, expected):
@@ -184,9 +190,7 @@ def test_the_snapshots_processor_expands_image_placeholders_in_plain_text(snapsh
 def test_generate_on_the_snapshots_processor_output_answers_as_chat(
     name, snapshot_model, snapshot_processor, images, expected
 ):
-    inputs = snapshot_processor.apply_chat_template(
-        messages_of(case(name, images)), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
+    inputs = processor_inputs(snapshot_processor, case(name, images))
     new_tokens = snapshot_model.generate(**inputs, **GREEDY)
     # `chat` strips the decoded answer, as the reference does
     assert snapshot_processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip() == expected[name]["answer"]
@@ -231,7 +235,7 @@ model = AutoModel.from_pretrained(directory, trust_remote_code=True, dtype=torch
 tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True, use_fast=False)
 processor = AutoProcessor.from_pretrained(directory, trust_remote_code=True)
 results = {"modules": [type(model).__module__, type(processor).__module__, type(processor.image_processor).__module__]}
-greedy = {"max_new_tokens": %d, "do_sample": False}
+greedy = {"max_new_tokens": int(sys.argv[4]), "do_sample": False}
 for name, conversation in cases.items():
     inputs = processor.apply_chat_template([{"role": "user", "content": conversation["messages"]}],
         add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
@@ -243,7 +247,7 @@ for name, conversation in cases.items():
     results[name] = {"input_ids": inputs["input_ids"][0].tolist(), "chat": chat,
                      "generate": processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()}
 open(f"{out}/results.json", "w").write(json.dumps(results))
-""" % MAX_NEW_TOKENS
+"""
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +262,7 @@ def without_the_package(upgraded, images, tmp_path_factory) -> dict:
         cases[name] = conversation
     (work / "cases.json").write_text(json.dumps(cases))
     command = [sys.executable, "-c", BLOCK_NVLM_D + textwrap.dedent(ISOLATED_WAY_2)]
-    command += [str(upgraded["output"]), str(work / "cases.json"), str(work)]
+    command += [str(upgraded["output"]), str(work / "cases.json"), str(work), str(MAX_NEW_TOKENS)]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=OUTER_LIMIT_S)
     assert finished.returncode == 0, finished.stderr[-4000:]
     results = json.loads((work / "results.json").read_text())
