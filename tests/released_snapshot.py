@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from nvlm_d.cli import main
 from nvlm_d.tiny import TOKENIZER_DIR, build_tiny_model
 
 # The released remote-code files and the rest of the repository (reference_facts.md, A.1).
@@ -130,3 +131,17 @@ def write_released_shards(directory: Path, reference_dir: Path, state: dict, flo
     weight_map = {name: shard_of[released_map[name]] for name in sorted(state)}
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=4) + "\n")
+
+
+def nvlm_d_cli(*args: str) -> int:
+    """`nvlm-d ARGS` in this process; returns the exit code. The CLI quiets transformers' logging for its process:
+    the other tests of the session get theirs back."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, progress_bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    try:
+        return main(list(args))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if progress_bars:
+            hf_logging.enable_progress_bar()

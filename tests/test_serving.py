@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from released_snapshot import build_released_snapshot
+from released_snapshot import build_released_snapshot, nvlm_d_cli
 from transformers import AutoModel, AutoTokenizer
 
 from nvlm_d import build_prompt, load_image
@@ -249,7 +249,7 @@ def parity_checkpoint(parity_snapshot, tmp_path_factory) -> Path:
     """What vLLM serves: the snapshot after `nvlm-d upgrade` (remote code, processor and chat template of this
     package, weights linked to the snapshot's)."""
     output = tmp_path_factory.mktemp("parity_checkpoint") / "upgraded"
-    assert main(["upgrade", str(parity_snapshot), str(output)]) == 0
+    assert nvlm_d_cli("upgrade", str(parity_snapshot), str(output)) == 0
     return output
 
 

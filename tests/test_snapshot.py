@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from released_snapshot import build_released_snapshot
+from released_snapshot import build_released_snapshot, nvlm_d_cli
 from test_remote_code import BLOCK_NVLM_D, OUTER_LIMIT_S
 from transformers import (
     AutoModel,
@@ -35,7 +35,6 @@ from transformers import (
 
 import nvlm_d
 from nvlm_d import build_prompt, load_image
-from nvlm_d.cli import main
 from nvlm_d.remote_code import remote_code_files
 
 MAX_NEW_TOKENS = 6
@@ -220,7 +219,7 @@ def digest(directory: Path) -> dict[str, tuple[str, int]]:
 def upgraded(snapshot, tmp_path_factory) -> dict:
     output = tmp_path_factory.mktemp("upgraded") / "NVLM-D-72B-upgraded"
     before = digest(snapshot)
-    code = main(["upgrade", str(snapshot), str(output)])
+    code = nvlm_d_cli("upgrade", str(snapshot), str(output))
     return {"code": code, "output": output, "before": before, "after": digest(snapshot)}
 
 
@@ -335,7 +334,7 @@ def test_upgrade_symlinks_the_weights_where_hard_links_are_impossible(snapshot, 
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr("nvlm_d.upgrade.os.link", cross_device)
-    assert main(["upgrade", str(snapshot), str(tmp_path / "out")]) == 0
+    assert nvlm_d_cli("upgrade", str(snapshot), str(tmp_path / "out")) == 0
     shard = tmp_path / "out" / "model-00001-of-00004.safetensors"
     assert shard.is_symlink() and shard.resolve() == (snapshot / shard.name).resolve()
     assert "symlinked" in capsys.readouterr().out
@@ -357,7 +356,7 @@ def test_upgrade_takes_a_hub_id_from_the_hugging_face_cache(snapshot, tmp_path, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    assert main(["upgrade", "nvidia/NVLM-D-72B", str(tmp_path / "out")]) == 0
+    assert nvlm_d_cli("upgrade", "nvidia/NVLM-D-72B", str(tmp_path / "out")) == 0
     shard = tmp_path / "out" / "model-00001-of-00004.safetensors"
     assert os.path.samefile(shard, snapshot / shard.name)
     assert not shard.is_symlink()
@@ -378,7 +377,7 @@ def snapshot_copy(snapshot, tmp_path) -> Path:
 
 def refused(capsys, *args: str) -> str:
     """Run `nvlm-d upgrade ARGS`, check it failed with one line, return that line."""
-    assert main(["upgrade", *args]) == 2
+    assert nvlm_d_cli("upgrade", *args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     return err
@@ -417,7 +416,7 @@ def test_a_non_empty_output_is_refused_without_force_and_left_as_it_was(snapshot
     err = refused(capsys, str(snapshot), str(output))
     assert "not empty" in err and "--force" in err
     assert [path.name for path in output.iterdir()] == ["notes.txt"]
-    assert main(["upgrade", str(snapshot), str(output), "--force"]) == 0
+    assert nvlm_d_cli("upgrade", str(snapshot), str(output), "--force") == 0
     assert (output / "notes.txt").read_text() == "mine"
     assert (output / "config.json").is_file()
 
