@@ -5,17 +5,30 @@ Each `<image>` placeholder of the text (the chat template renders an image part 
 prompt of that image: `<Image>`, a tile tag and 256 `<|vision_pad|>` tokens per tile, `</Image>`
 (`conversation.image_prompt`). So the input ids are those of the prompt `chat` builds for the same conversation, and
 the pixel values those of `load_image`, which is what `model.generate(**inputs)` needs to answer as `chat` does.
+
+A directory without this processor's files (NVIDIA's released snapshot: a CLIP `preprocessor_config.json` and Qwen2.5's
+chat template, both never read by NVLM-D's own code) gets the processor its `config.json` describes instead, with
+NVLM's chat template: `from_pretrained` never builds a CLIP image processor or Qwen's system prompt for NVLM-D.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
+from transformers.utils import PROCESSOR_NAME, cached_file, logging
 
+from .configuration_nvlm_d import NVLM_D_Config
 from .conversation import CHAT_TEMPLATE, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, image_prompt
 from .image_processing_nvlm_d import NVLM_D_ImageProcessor
+
+logger = logging.get_logger(__name__)
+
+# What `from_pretrained` passes on to the config and tokenizer of a directory without processor files.
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
 
 
 class NVLM_D_Processor(ProcessorMixin):
@@ -48,7 +61,7 @@ class NVLM_D_Processor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     @classmethod
-    def from_model_config(cls, config: Any, tokenizer: Any) -> NVLM_D_Processor:
+    def from_model_config(cls, config: Any, tokenizer: Any, chat_template: str | None = None) -> NVLM_D_Processor:
         """The processor of a model with this `NVLM_D_Config`: its tile size, tiling limits (`min_dynamic_patch`,
         `max_dynamic_patch`, `use_thumbnail`) and image tokens per tile."""
         image_processor = NVLM_D_ImageProcessor(
@@ -57,7 +70,32 @@ class NVLM_D_Processor(ProcessorMixin):
             max_dynamic_patch=config.max_dynamic_patch,
             use_thumbnail=config.use_thumbnail,
         )
-        return cls(image_processor, tokenizer, image_seq_length=config.num_image_token)
+        return cls(image_processor, tokenizer, chat_template=chat_template, image_seq_length=config.num_image_token)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> NVLM_D_Processor:
+        """The processor a model directory (or Hub id) saved; for one that saved none (`processor_config.json`
+        absent, as in NVIDIA's released snapshot), the processor of its `config.json` (`from_model_config`) with
+        its tokenizer and NVLM's chat template, whatever template its tokenizer files carry. Nothing is written."""
+        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+        lookup = {key: value for key, value in hub_kwargs.items() if key != "trust_remote_code"}
+        saved = cached_file(
+            pretrained_model_name_or_path,
+            PROCESSOR_NAME,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **lookup,
+        )
+        if saved is not None:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        logger.info(
+            f"{pretrained_model_name_or_path} has no {PROCESSOR_NAME}: NVLM-D's processor is built from its "
+            "config.json (tiling limits) and its tokenizer, with NVLM's chat template"
+        )
+        config = NVLM_D_Config.from_pretrained(pretrained_model_name_or_path, **lookup)
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        tokenizer.chat_template = CHAT_TEMPLATE  # the processor's and its tokenizer's renderings stay equal
+        return cls.from_model_config(config, tokenizer, chat_template=CHAT_TEMPLATE)
 
     def __call__(self, images: Any = None, text: Any = None, **kwargs) -> BatchFeature:
         outputs = super().__call__(images=images, text=text, **kwargs)

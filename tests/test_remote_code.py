@@ -1,25 +1,21 @@
 """`save_pretrained` (of the model and of the processor) writes a self-contained model directory that loads through
-`trust_remote_code` alone, as the Hub repo does, in a process where the `nvlm_d` package cannot be imported."""
+`trust_remote_code` alone, as the Hub repo does, in a process where the `nvlm_d` package cannot be imported; and the
+repository root, the layout of that Hub repo, is such a directory too (with a copy of its files beside weights)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
+from nvlm_d.remote_code import PACKAGE_DIR, remote_code_files
 from nvlm_d.tiny import build_tiny_model, save_tiny_checkpoint
-
-REMOTE_CODE_FILES = (
-    "configuration_nvlm_d.py",
-    "modeling_nvlm_d.py",
-    "modeling_intern_vit.py",
-    "conversation.py",
-    "image_processing_nvlm_d.py",
-    "processing_nvlm_d.py",
-)
 
 # Makes `import nvlm_d` fail, so the subprocess can only use the code inside the model directory.
 BLOCK_NVLM_D = textwrap.dedent(
@@ -72,7 +68,7 @@ def test_saved_directory_is_self_contained(saved_dir):
     assert json.loads((saved_dir / "processor_config.json").read_text())["auto_map"] == {
         "AutoProcessor": "processing_nvlm_d.NVLM_D_Processor"
     }
-    for name in REMOTE_CODE_FILES:
+    for name in remote_code_files():
         assert (saved_dir / name).is_file(), name
     assert (saved_dir / "model.safetensors").is_file()
     assert not list(saved_dir.glob("*.bin"))
@@ -160,3 +156,79 @@ def test_processor_and_model_answer_through_remote_code_without_the_package(save
         """
     )
     assert output.split("ANSWER:", 1)[1].strip() == expected
+
+
+# --------------------------------------------------------------------------------------------------------
+# The repository root is a model directory (the Hub repo's layout)
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_every_remote_code_module_stands_at_the_repository_root_as_a_link_into_the_package(repo_root):
+    root_modules = sorted(path.name for path in repo_root.glob("*.py"))
+    assert root_modules == remote_code_files()
+    for name in root_modules:
+        assert (repo_root / name).is_symlink(), name
+        assert (repo_root / name).resolve() == PACKAGE_DIR / name
+
+
+def root_files(repo_root: Path) -> list[Path]:
+    """What a model directory takes from the root: its modules, tokenizer and processor files (not the 72B config)."""
+    names = [*remote_code_files(), "processor_config.json", "tokenizer_config.json", "tokenizer.json"]
+    return [repo_root / name for name in [*names, "vocab.json", "merges.txt"]]
+
+
+@pytest.fixture(scope="module")
+def root_copy(repo_root, saved_dir, tmp_path_factory) -> Path:
+    """The root's files copied (links followed) beside tiny weights: the tiny checkpoint's config and safetensors."""
+    directory = tmp_path_factory.mktemp("root_copy")
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        os.link(saved_dir / name, directory / name)
+    for path in root_files(repo_root):
+        shutil.copyfile(path, directory / path.name)
+    return directory
+
+
+def test_the_repository_root_and_a_copy_of_its_files_beside_weights_load_and_chat_without_the_package(
+    repo_root, root_copy, tmp_path
+):
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    from nvlm_d.image_processing_nvlm_d import load_image
+
+    Image.effect_mandelbrot((900, 500), (-2.0, -1.2, 1.0, 1.2), 100).convert("RGB").save(tmp_path / "image.png")
+    model = build_tiny_model(seed=11)
+    tokenizer = AutoTokenizer.from_pretrained(root_copy)
+    settings = {"max_new_tokens": 6, "do_sample": False}
+    expected = {
+        "image": model.chat(tokenizer, load_image(tmp_path / "image.png", max_num=6), "Describe.", settings),
+        "text": model.chat(tokenizer, None, "Hello, who are you?", settings),
+    }
+    output = run_isolated(
+        f"""
+        import json
+        import torch
+        from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer
+
+        root, copy, image = {str(repo_root)!r}, {str(root_copy)!r}, {str(tmp_path / "image.png")!r}
+        config = AutoConfig.from_pretrained(root, trust_remote_code=True)
+        with torch.device("meta"):  # the root holds NVLM-D-72B's config, no weights: its modules build the model
+            full_size = AutoModel.from_config(config, trust_remote_code=True)
+        AutoTokenizer.from_pretrained(root, trust_remote_code=True)
+        root_processor = AutoProcessor.from_pretrained(root, trust_remote_code=True)
+        assert type(full_size).__module__.startswith("transformers_modules."), type(full_size).__module__
+        assert type(root_processor).__module__.startswith("transformers_modules."), type(root_processor).__module__
+
+        model = AutoModel.from_pretrained(copy, trust_remote_code=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained(copy, trust_remote_code=True, use_fast=False)
+        processor = AutoProcessor.from_pretrained(copy, trust_remote_code=True)
+        pixel_values = processor(text="<image>", images=[image], return_tensors="pt").pixel_values
+        settings = {{"max_new_tokens": 6, "do_sample": False}}
+        answers = {{
+            "image": model.chat(tokenizer, pixel_values, "Describe.", settings),
+            "text": model.chat(tokenizer, None, "Hello, who are you?", settings),
+        }}
+        print("ANSWERS:" + json.dumps(answers))
+        """
+    )
+    assert json.loads(output.split("ANSWERS:", 1)[1]) == expected

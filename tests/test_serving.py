@@ -1,5 +1,5 @@
-"""Serving with vLLM: `nvlm-d serve` builds the right vLLM command, and vLLM's own NVLM-D, loading a directory the
-package saved, computes what the package computes.
+"""Serving with vLLM: `nvlm-d serve` builds the right vLLM command, and vLLM's own NVLM-D, loading the directory
+`nvlm-d upgrade` wrote from a released-style snapshot, computes what the package computes on the snapshot itself.
 
 The command-line tests need no vLLM. The tests marked `vllm` need vLLM's CPU build in its own environment (it pins
 its own torch and transformers): set NVLM_D_VLLM_PYTHON to its interpreter (`python tools/cached_envs.py vllm`
@@ -28,13 +28,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from released_snapshot import build_released_snapshot, nvlm_d_cli
 from transformers import AutoModel, AutoTokenizer
 
 from nvlm_d import build_prompt, load_image
 from nvlm_d.cli import main
 from nvlm_d.cli.serve import Layout, ModelBytes
 from nvlm_d.configuration_nvlm_d import NVLM_D_Config
-from nvlm_d.tiny import save_tiny_checkpoint
+from nvlm_d.modeling_nvlm_d import NVLM_D_Model
 
 VLLM_PYTHON_ENV = "NVLM_D_VLLM_PYTHON"
 RELEASED = "nvidia/NVLM-D-72B"
@@ -261,15 +262,26 @@ def vllm_python() -> str:
 
 
 @pytest.fixture(scope="module")
-def parity_checkpoint(tmp_path_factory) -> Path:
-    """A tiny NVLM-D saved by `save_pretrained`, shaped for vLLM's CPU kernels: head_dim 64 in the decoder and the
-    vision tower (which vLLM pads with NVLM's 7 dummy heads, as the package does), real 448 px tiles."""
-    return save_tiny_checkpoint(
-        tmp_path_factory.mktemp("parity_checkpoint"),
+def parity_snapshot(reference_dir, tmp_path_factory) -> Path:
+    """A released-style NVLM-D-72B snapshot (tests/released_snapshot.py) with tiny weights shaped for vLLM's CPU
+    kernels: head_dim 64 in the decoder and the vision tower (which vLLM pads with NVLM's 7 dummy heads, as the
+    package does), real 448 px tiles."""
+    return build_released_snapshot(
+        tmp_path_factory.mktemp("parity_snapshot") / "NVLM-D-72B",
+        reference_dir,
         seed=0,
         vision_config={"hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 256},
         llm_config={"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 512},
     )
+
+
+@pytest.fixture(scope="module")
+def parity_checkpoint(parity_snapshot, tmp_path_factory) -> Path:
+    """What vLLM serves: the snapshot after `nvlm-d upgrade` (remote code, processor and chat template of this
+    package, weights linked to the snapshot's)."""
+    output = tmp_path_factory.mktemp("parity_checkpoint") / "upgraded"
+    assert nvlm_d_cli("upgrade", str(parity_snapshot), str(output)) == 0
+    return output
 
 
 @pytest.fixture(scope="module")
@@ -282,8 +294,11 @@ def sample_image(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def package_side(parity_checkpoint):
-    model = AutoModel.from_pretrained(parity_checkpoint, trust_remote_code=True, dtype=torch.float32).eval()
+def package_side(parity_snapshot, parity_checkpoint):
+    """The package's model on the unchanged snapshot (after `import nvlm_d`), and the tokenizer of the directory vLLM
+    serves, whose chat template (NVLM's) vLLM's server renders requests with."""
+    model = AutoModel.from_pretrained(parity_snapshot, trust_remote_code=True, dtype=torch.float32).eval()
+    assert type(model) is NVLM_D_Model
     tokenizer = AutoTokenizer.from_pretrained(parity_checkpoint, trust_remote_code=True)
     return model, tokenizer
 
@@ -347,7 +362,7 @@ def tiles_of(sample_image, config) -> torch.Tensor:
 
 
 @pytest.mark.vllm
-def test_vllm_loads_a_saved_directory_as_its_own_nvlm_d(vllm_offline):
+def test_vllm_loads_an_upgraded_snapshot_as_its_own_nvlm_d(vllm_offline):
     assert vllm_offline["architectures"] == ["NVLM_D"]
     assert vllm_offline["config_class"] == "NVLM_D_Config"
 

@@ -10,10 +10,11 @@
     nvlm-d finetune --model PATH --data D.jsonl --output DIR
                                                   fine-tune (LoRA, QLoRA, full) on one GPU or many
     nvlm-d web [--model PATH | --openai-url URL]  a chat page in the browser (Gradio)
+    nvlm-d upgrade SNAPSHOT OUTPUT                a downloaded NVLM-D-72B snapshot -> a directory that needs no nvlm_d
 
-One module a command (demo, chat, tiles, batch, plan, serve, finetune), with what they share in common.py. Adding
-a command: a module whose `add_parser(commands)` adds a subparser whose defaults set `handler`, listed in
-`COMMANDS`. Handlers take the parsed arguments and return an exit code; they raise `CLIError` for bad input,
+One module a command (demo, chat, tiles, batch, plan, serve, finetune, upgrade, web), with what they share in
+common.py. Adding a command: a module whose `add_parser(commands)` adds a subparser whose defaults set `handler`,
+listed in `COMMANDS`. Handlers take the parsed arguments and return an exit code; they raise `CLIError` for bad input,
 which `main` prints as one line (`nvlm-d: error: ...`) without a traceback.
 
 Start-up stays cheap: the command modules import only the standard library and `nvlm_d.conversation` at the top,
@@ -30,7 +31,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .. import __version__
-from . import batch, chat, demo, finetune, plan, serve, tiles, web
+from . import batch, chat, demo, finetune, plan, serve, tiles, upgrade, web
 from .common import PROG, CLIError, Parser, one_line, say
 
 # The subcommands, in the order `--help` lists them. A new command is one module more.
@@ -42,6 +43,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     plan.add_parser,
     serve.add_parser,
     finetune.add_parser,
+    upgrade.add_parser,
     web.add_parser,
 ]
 
