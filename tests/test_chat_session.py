@@ -127,3 +127,37 @@ def test_a_session_on_an_offloaded_model_answers_as_chat(tiny_checkpoint, tiny_m
     ).eval()
     answers, _ = session_answers(offloaded, tokenizer, ONE_IMAGE[:3])
     assert answers == chat_from_scratch(tiny_model, tokenizer, ONE_IMAGE[:3])
+
+
+PENALISED = {"max_new_tokens": 8, "do_sample": False, "repetition_penalty": 1.5, "no_repeat_ngram_size": 2}
+
+
+def test_repetition_settings_see_only_the_answer_in_a_session_as_in_chat(tiny_model, tokenizer):
+    answers, _ = session_answers(tiny_model, tokenizer, ONE_IMAGE[:2], PENALISED)
+    assert answers == chat_from_scratch(tiny_model, tokenizer, ONE_IMAGE[:2], PENALISED)
+
+
+def cached_layers(session) -> list[torch.Tensor]:
+    """Every layer's keys and values, in order."""
+    return [tensor.clone() for layer in session._cache.layers for tensor in (layer.keys, layer.values)]
+
+
+def test_a_turn_that_fails_inside_a_layer_leaves_the_cache_as_it_was(tiny_model, tokenizer):
+    session = tiny_model.start_chat(tokenizer, GREEDY)
+    first = session.ask(TEXT_ONLY[0][0])
+    before, cached = cached_layers(session), session.num_cached_tokens
+
+    def out_of_memory(module, args, kwargs):  # layer 0 has stored this turn's keys and values, layer 1 not
+        raise RuntimeError("simulated out of memory in layer 1")
+
+    hook = tiny_model.language_model.model.layers[1].register_forward_pre_hook(out_of_memory, with_kwargs=True)
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            session.ask(TEXT_ONLY[1][0])
+    finally:
+        hook.remove()
+    after = cached_layers(session)
+    assert session.num_cached_tokens == cached and session.history == [(TEXT_ONLY[0][0], first)]
+    assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    later = [session.ask(question) for question, _ in TEXT_ONLY[1:]]
+    assert [first, *later] == session_answers(tiny_model, tokenizer, TEXT_ONLY)[0]
