@@ -137,6 +137,33 @@ def _wrap_with_lora(
     return get_peft_model(module, config).train(module.training)
 
 
+def _record_lora_settings(
+    config: NVLM_D_Config, tower: str, r: int, lora_alpha: float, lora_dropout: float, targets: Sequence[str]
+) -> None:
+    """Write a wrapped tower's LoRA settings into `config` (`use_{tower}_lora` and its companions)."""
+    setattr(config, f"use_{tower}_lora", r)
+    setattr(config, f"{tower}_lora_alpha", lora_alpha)
+    setattr(config, f"{tower}_lora_dropout", lora_dropout)
+    setattr(config, f"{tower}_lora_target_modules", list(targets))
+
+
+def _saved_lora_settings(config: NVLM_D_Config, tower: str) -> dict[str, Any]:
+    """The `wrap_{tower}_lora` arguments that rebuild the adapters `config` records; where a checkpoint predates
+    the companions of `use_{tower}_lora` (InternVL's own), InternVL's convention: alpha 2r, dropout 0.05."""
+    r = getattr(config, f"use_{tower}_lora")
+    alpha = getattr(config, f"{tower}_lora_alpha", None)
+    dropout = getattr(config, f"{tower}_lora_dropout", None)
+    targets = getattr(config, f"{tower}_lora_target_modules", None)
+    settings: dict[str, Any] = {
+        "r": r,
+        "lora_alpha": 2 * r if alpha is None else alpha,
+        "lora_dropout": 0.05 if dropout is None else dropout,
+    }
+    if targets is not None:
+        settings["target_modules"] = targets
+    return settings
+
+
 def _restarts_positions(position_ids: torch.Tensor | None) -> bool:
     """Whether `position_ids` [batch, tokens] hold packed examples: positions that do not count up by one."""
     if position_ids is None or position_ids.ndim != 2 or position_ids.shape[1] < 2:
@@ -240,12 +267,12 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         )
         self.language_model = language_model if language_model is not None else Qwen2ForCausalLM(config.llm_config)
         self.post_init()
-        # An unmerged InternVL-style LoRA checkpoint: build the adapters its weights belong to (alpha = 2r, as
-        # InternVL does), so that `from_pretrained` loads them instead of leaving them randomly initialised.
+        # An unmerged InternVL-style LoRA checkpoint: build the adapters its weights belong to, with the settings they
+        # were saved with, so that `from_pretrained` loads them instead of leaving them randomly initialised.
         if config.use_backbone_lora:
-            self.wrap_backbone_lora(r=config.use_backbone_lora, lora_alpha=2 * config.use_backbone_lora)
+            self.wrap_backbone_lora(**_saved_lora_settings(config, "backbone"))
         if config.use_llm_lora:
-            self.wrap_llm_lora(r=config.use_llm_lora, lora_alpha=2 * config.use_llm_lora)
+            self.wrap_llm_lora(**_saved_lora_settings(config, "llm"))
         if self.generation_config.pad_token_id is None:
             # Qwen2's tokenizer pads with <|endoftext|>, the id the decoder config calls bos_token_id; knowing it,
             # `generate` infers the attention mask of left-padded input_ids passed without one.
@@ -286,27 +313,36 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
     # ----------------------------------------------------------------------------------------------------------
     # InternVL's LoRA helpers
     # ----------------------------------------------------------------------------------------------------------
-    def wrap_backbone_lora(self, r: int = 128, lora_alpha: int = 256, lora_dropout: float = 0.05) -> None:
+    def wrap_backbone_lora(
+        self,
+        r: int = 128,
+        lora_alpha: float = 256,
+        lora_dropout: float = 0.05,
+        target_modules: Sequence[str] = VISION_LORA_TARGETS,
+    ) -> None:
         """InternVL's helper: LoRA adapters (peft) on the ViT's `attn.qkv`, `attn.proj`, `mlp.fc1` and `mlp.fc2`;
-        everything else in the tower is frozen. Sets `config.use_backbone_lora = r`, so that a checkpoint saved
-        without merging (`save_pretrained`) reloads with its adapters; that reload assumes `lora_alpha = 2 * r`,
-        InternVL's convention. Merge with `nvlm_d.training.merge_lora` for a plain checkpoint."""
-        self.vision_model = _wrap_with_lora(self.vision_model, r, lora_alpha, lora_dropout, VISION_LORA_TARGETS, None)
-        self.config.use_backbone_lora = r
-        if lora_alpha != 2 * r:
-            logger.warning(f"wrap_backbone_lora(lora_alpha={lora_alpha}): an unmerged save reloads with 2r={2 * r}")
+        everything else in the tower is frozen. Records the adapters' settings in the config (`use_backbone_lora = r`,
+        `backbone_lora_alpha`, `..._dropout`, `..._target_modules`), so that a checkpoint saved without merging
+        (`save_pretrained`) reloads with the same adapters. Merge with `nvlm_d.training.merge_lora` for a plain
+        checkpoint."""
+        self.vision_model = _wrap_with_lora(self.vision_model, r, lora_alpha, lora_dropout, target_modules, None)
+        _record_lora_settings(self.config, "backbone", r, lora_alpha, lora_dropout, target_modules)
 
-    def wrap_llm_lora(self, r: int = 128, lora_alpha: int = 256, lora_dropout: float = 0.05) -> None:
+    def wrap_llm_lora(
+        self,
+        r: int = 128,
+        lora_alpha: float = 256,
+        lora_dropout: float = 0.05,
+        target_modules: Sequence[str] = LLM_LORA_TARGETS,
+    ) -> None:
         """InternVL's helper: LoRA adapters (peft, `CAUSAL_LM`) on every linear layer of the decoder's blocks
-        (`q/k/v/o_proj`, `gate/up/down_proj`); the rest of the decoder is frozen. Sets `config.use_llm_lora = r`
-        (see `wrap_backbone_lora` for what that means for saving)."""
+        (`q/k/v/o_proj`, `gate/up/down_proj`); the rest of the decoder is frozen. Records the adapters' settings in
+        the config (`use_llm_lora = r`, `llm_lora_alpha`, ...; see `wrap_backbone_lora`)."""
         self.language_model = _wrap_with_lora(
-            self.language_model, r, lora_alpha, lora_dropout, LLM_LORA_TARGETS, "CAUSAL_LM"
+            self.language_model, r, lora_alpha, lora_dropout, target_modules, "CAUSAL_LM"
         )
         self.language_model.enable_input_require_grads()
-        self.config.use_llm_lora = r
-        if lora_alpha != 2 * r:
-            logger.warning(f"wrap_llm_lora(lora_alpha={lora_alpha}): an unmerged save reloads with 2r={2 * r}")
+        _record_lora_settings(self.config, "llm", r, lora_alpha, lora_dropout, target_modules)
 
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()
