@@ -24,7 +24,8 @@ class NVLM_D_Processor(ProcessorMixin):
     `processor(text=..., images=...)` expands every `<image>` of `text`, in order, with the next image's tiles;
     `processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
     return_tensors="pt")` renders chat messages (`{"type": "image", "image": path | PIL image}` parts included)
-    first. Outputs: `input_ids`, `attention_mask` (left padding, for batched generation) and `pixel_values`.
+    first. Outputs: `input_ids`, `attention_mask` (left padding, for batched generation: the processor sets its
+    tokenizer's `padding_side` to "left") and `pixel_values`.
     Tiling settings (`max_dynamic_patch`, ...) may be passed per call; their defaults are the image processor's.
     """
 
@@ -46,6 +47,10 @@ class NVLM_D_Processor(ProcessorMixin):
         self.image_seq_length = image_seq_length
         self.image_context_token = image_context_token
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        # Generation continues each row from its last token, so a batch is padded on the left: also where others
+        # pad with this tokenizer (`pipeline(..., batch_size=n)` does), and for a checkpoint whose tokenizer config
+        # says right (the released one names no side, and the default is right).
+        self.tokenizer.padding_side = "left"
 
     @classmethod
     def from_model_config(cls, config: Any, tokenizer: Any) -> NVLM_D_Processor:
