@@ -88,8 +88,7 @@ class ChatSession:
     ) -> str:
         """Answer `question`, with the images added in this turn (`pixel_values` [tiles, 3, 448, 448], several
         images stacked with `num_patches_list`); returns the answer and appends the turn to `history`."""
-        if not isinstance(question, str):
-            raise TypeError(f"question must be a string, got {type(question).__name__}")
+        self.model._check_question(question)
         new_counts = self.model._check_num_patches(num_patches_list, self.model._num_tiles(pixel_values, None))
         if new_counts and not self.history and IMAGE_PLACEHOLDER not in question:
             question = IMAGE_PLACEHOLDER + "\n" + question  # as chat does on a first turn

@@ -198,11 +198,30 @@ def _chat_generation_config(settings: dict | GenerationConfig | None, tokenizer:
         extra = config.update(**settings)
     else:
         raise TypeError(f"generation_config must be a dict or a GenerationConfig, got {type(settings).__name__}")
+    _refuse_sampling_without_do_sample(config)
     if config.eos_token_id is None:
         config.eos_token_id = tokenizer.convert_tokens_to_ids(IM_END_TOKEN)
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
     return config, extra
+
+
+# Settings that act only when sampling (do_sample=True); `generate` ignores them otherwise.
+SAMPLING_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
+
+def _refuse_sampling_without_do_sample(config: GenerationConfig) -> None:
+    """Sampling settings with `do_sample` left unset are an error, not a greedy answer with a log line: the caller
+    most likely meant to sample. An explicit `do_sample=False` keeps them ignored, as `generate` does (evaluation
+    harnesses pass `temperature=0` that way)."""
+    if config.do_sample is not None:
+        return
+    given = [name for name in SAMPLING_SETTINGS if getattr(config, name, None) is not None]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} only act when sampling, and do_sample is not set (generation would be greedy): "
+            "add do_sample=True to sample, or do_sample=False to answer greedily"
+        )
 
 
 def _positive_counts(name: str, counts: Any, allow_zero: bool = False) -> list[int]:
@@ -669,6 +688,15 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         return 0
 
     @staticmethod
+    def _check_question(question: Any) -> None:
+        """A question is a string with some text: an empty one gets an error, as in `nvlm-d chat` and `nvlm-d batch`
+        (NVLM-D would answer the bare system prompt, or describe the image unasked)."""
+        if not isinstance(question, str):
+            raise TypeError(f"a question must be a string, got {type(question).__name__}")
+        if not question.strip():
+            raise ValueError(f"the question is empty ({question!r}): ask something, e.g. 'Describe the image.'")
+
+    @staticmethod
     def _check_num_patches(num_patches_list: Any, num_tiles: int) -> list[int]:
         if num_patches_list is None:
             return [num_tiles] if num_tiles else []
@@ -812,12 +840,13 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         Args:
             tokenizer: the model's tokenizer.
             pixel_values: [tiles, 3, 448, 448] from `load_image` (any float dtype and device), or None.
-            question: the user's turn; `<image>` marks where each image goes (`<image>\\n` is put in front
-                when there are images, no history and no placeholder).
+            question: the user's turn, not empty; `<image>` marks where each image goes (`<image>\\n` is put in
+                front when there are images, no history and no placeholder).
             generation_config: dict (or GenerationConfig) of generation settings, e.g.
                 `dict(max_new_tokens=1024, do_sample=False)`; not modified. Generation stops at `<|im_end|>` unless
                 it names its own `eos_token_id`. As in the reference, `repetition_penalty` and
-                `no_repeat_ngram_size` look at the generated tokens only, not at the prompt.
+                `no_repeat_ngram_size` look at the generated tokens only, not at the prompt. Sampling settings
+                (`temperature`, `top_p`, `top_k`, ...) without `do_sample` raise ValueError: set `do_sample`.
             history: earlier (question, answer) pairs; not modified. Their `<image>` placeholders are expanded again
                 from `pixel_values`, so pass the same images on every turn.
             return_history: also return the history with this turn appended.
@@ -836,8 +865,7 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
             The response (stripped), or a list of `num_return_sequences` responses when that setting is above 1;
             with `return_history`, also the new history.
         """
-        if not isinstance(question, str):
-            raise TypeError(f"question must be a string, got {type(question).__name__}")
+        self._check_question(question)
         num_patches_list = self._check_num_patches(num_patches_list, self._num_tiles(pixel_values, visual_features))
         self._chat_image_token(tokenizer, IMG_CONTEXT_TOKEN)
         added_placeholder = bool(num_patches_list) and history is None and IMAGE_PLACEHOLDER not in question
@@ -941,8 +969,7 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         self._chat_image_token(tokenizer, IMG_CONTEXT_TOKEN)
         prompts = []
         for question, tiles in zip(questions, per_question, strict=True):
-            if not isinstance(question, str):
-                raise TypeError(f"each question must be a string, got {type(question).__name__}")
+            self._check_question(question)
             prompts.append(self.chat_prompt(question, tiles, context_token=IMG_CONTEXT_TOKEN))
         if verbose:
             for prompt in prompts:

@@ -9,8 +9,10 @@ the pixel values those of `load_image`, which is what `model.generate(**inputs)`
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
+from transformers import GenerationConfig
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
@@ -65,6 +67,7 @@ class NVLM_D_Processor(ProcessorMixin):
         return cls(image_processor, tokenizer, image_seq_length=config.num_image_token)
 
     def __call__(self, images: Any = None, text: Any = None, **kwargs) -> BatchFeature:
+        _refuse_generation_settings(kwargs)
         outputs = super().__call__(images=images, text=text, **kwargs)
         outputs.pop("num_patches", None)  # spent on the prompt; the model reads the tiles in order
         return outputs
@@ -76,6 +79,26 @@ class NVLM_D_Processor(ProcessorMixin):
     @property
     def model_input_names(self) -> list[str]:
         return [*self.tokenizer.model_input_names, *self.image_processor.model_input_names]
+
+
+@cache
+def _generation_settings() -> frozenset[str]:
+    """The names of `generate`'s settings, less `max_length`, which is also the tokenizer's truncation length."""
+    names = GenerationConfig().to_dict()
+    return frozenset(name for name in names if not name.startswith("_")) - {"max_length", "transformers_version"}
+
+
+def _refuse_generation_settings(kwargs: dict[str, Any]) -> None:
+    """A generation setting given to the processor (`pipeline(..., do_sample=False)` hands it there) would be
+    dropped, so a sampled answer would silently be greedy: say where it goes instead."""
+    names = sorted(set(kwargs) & _generation_settings())
+    if names:
+        example = ", ".join(f"{name!r}: {kwargs[name]!r}" for name in names)
+        raise ValueError(
+            f"generation settings ({', '.join(names)}) cannot be applied by the processor, which only prepares the "
+            f"inputs: pass them to generation, as pipeline(..., generate_kwargs={{{example}}}) or "
+            "model.generate(**inputs, ...)"
+        )
 
 
 NVLM_D_Processor.register_for_auto_class("AutoProcessor")

@@ -979,6 +979,23 @@ def test_a_misspelled_generation_key_is_an_error_record_naming_it(cli_main, tiny
     assert f"unknown key {key!r}" in record["error"] and f"did you mean {suggestion!r}" in record["error"]
 
 
+def test_a_request_with_temperature_but_no_do_sample_is_an_error_record_naming_the_fix(
+    cli_main, tiny_checkpoint, tmp_path
+):
+    requests = write_jsonl(
+        tmp_path / "requests.jsonl",
+        [
+            {"id": "unset", "question": "Hello?", "temperature": 0.7, "max_new_tokens": 2},
+            {"id": "greedy", "question": "Hello?", "temperature": 0.7, "do_sample": False, "max_new_tokens": 2},
+        ],
+    )
+    answers = tmp_path / "answers.jsonl"
+    assert run_batch(cli_main, tiny_checkpoint, requests, answers)[0] == 1
+    records = {record["id"]: record for record in read_records(answers)}
+    assert 'add "do_sample": true to sample, or "do_sample": false' in records["unset"]["error"]
+    assert "answer" in records["greedy"]
+
+
 @pytest.mark.parametrize(
     "content, words",
     [

@@ -204,6 +204,12 @@ def test_more_placeholders_than_images_is_rejected(processor):
         processor(text="<image>\n<image>\nCompare.", images=[Image.new("RGB", (64, 64))])
 
 
+def test_a_generation_setting_given_to_the_processor_is_refused_naming_where_it_goes(processor):
+    """`pipeline(..., do_sample=False)` hands do_sample to the processor, which cannot apply it."""
+    with pytest.raises(ValueError, match=r"generate_kwargs=\{'do_sample': False\}"):
+        render(processor, [user("Hello")], do_sample=False)
+
+
 def test_a_url_is_not_downloaded_and_says_so(processor):
     with pytest.raises(FileNotFoundError, match="URLs are not downloaded"):
         render(processor, [user(("image", "https://example.com/cat.png"), "Describe.")])
