@@ -146,7 +146,8 @@ class ChatSession:
             # A turn that failed (out of memory in layer k, Ctrl-C) may have stored some of its tokens in some
             # layers only: put every layer back to the tokens it held before the turn.
             _crop_every_layer(self._cache, prefix)
-            for layer, (keys, values) in zip(self._cache.layers, dropped, strict=True):
+            # (layers this turn created, in a cache that was empty, held nothing: `zip` stops before them)
+            for layer, (keys, values) in zip(self._cache.layers, dropped, strict=False):
                 if keys is not None:
                     layer.update(keys, values)
             self._cached_ids = cached_ids
