@@ -10,11 +10,13 @@ prefill starts.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import DynamicCache, GenerationConfig
+from transformers.generation import LogitsProcessorList
 
 from .conversation import IMAGE_PLACEHOLDER
 
@@ -33,8 +35,10 @@ class ChatSession:
     The cache grows with the conversation and lives on the model's devices. `max_tokens` (default: the decoder's
     `max_position_embeddings`) bounds the prompt plus the answer: a turn that would pass it raises ValueError and
     leaves the session as it was; start over with `reset()`. `pop_turn()` forgets the last turn (to ask it again,
-    e.g. with other settings). Generation is one sequence at a time (no beams, one return sequence), greedy or sampled
-    (seed with `torch.manual_seed` for reproducible samples).
+    e.g. with other settings). Generation is one sequence at a time (no beams, one return sequence), greedy or
+    sampled (seed with `torch.manual_seed` for reproducible samples); `repetition_penalty` and
+    `no_repeat_ngram_size` look at each turn's answer only, as in `chat`. A turn that raises (out of memory in
+    some layer, an interrupt) leaves the history and every layer of the cache as they were.
     """
 
     def __init__(
@@ -99,8 +103,7 @@ class ChatSession:
     ) -> str:
         """Answer `question`, with the images added in this turn (`pixel_values` [tiles, 3, 448, 448], several
         images stacked with `num_patches_list`); returns the answer and appends the turn to `history`."""
-        if not isinstance(question, str):
-            raise TypeError(f"question must be a string, got {type(question).__name__}")
+        self.model._check_question(question)
         streamer = streamer if streamer is not None else self._streamer  # this turn's, else the settings'
         new_counts = self.model._check_num_patches(num_patches_list, self.model._num_tiles(pixel_values, None))
         if new_counts and not self.history and IMAGE_PLACEHOLDER not in question:
@@ -139,27 +142,63 @@ class ChatSession:
 
     def _generate(self, input_ids: torch.Tensor, features: list[torch.Tensor], streamer: Any) -> str:
         prefix = self._reusable_prefix(input_ids)
-        self._cache.crop(prefix - self._cache.get_seq_length())
-        self._cached_ids = self._cached_ids[:prefix]
         image_tokens = int((input_ids[0, prefix:] == self.model.img_context_token_id).sum())
         tiles = image_tokens // self.model.num_image_token
         visual_features = torch.cat(features)[-tiles:] if tiles else None
+        config, generate_kwargs = self._turn_settings(input_ids.shape[1])
+        cached_ids, dropped = self._cached_ids, _crop_every_layer(self._cache, prefix)
+        self._cached_ids = cached_ids[:prefix]
         try:
             new_tokens = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 visual_features=visual_features,
                 cache=self._cache,
-                generation_config=self.config,
+                generation_config=config,
                 streamer=streamer,
                 tokenizer=self.tokenizer,
-                **self._generate_kwargs,
+                **generate_kwargs,
             )
         except BaseException:
-            # keep the cache to what is known to be in it (a failed turn may have prefilled part of its tokens)
-            self._cache.crop(prefix - self._cache.get_seq_length())
+            # A turn that failed (out of memory in layer k, Ctrl-C) may have stored some of its tokens in some
+            # layers only: put every layer back to the tokens it held before the turn.
+            _crop_every_layer(self._cache, prefix)
+            # (layers this turn created, in a cache that was empty, held nothing: `zip` stops before them)
+            for layer, (keys, values) in zip(self._cache.layers, dropped, strict=False):
+                if keys is not None:
+                    layer.update(keys, values)
+            self._cached_ids = cached_ids
             raise
         sequence = torch.cat([input_ids[0].cpu(), new_tokens[0].cpu()])
         self._cached_ids = sequence[: self._cache.get_seq_length()]
         text = self.tokenizer.decode(new_tokens[0], skip_special_tokens=True)
         return text.split("<|im_end|>")[0].strip()
+
+    def _turn_settings(self, prompt_length: int) -> tuple[GenerationConfig, dict]:
+        """This turn's generation config and `generate` keywords: `repetition_penalty` and `no_repeat_ngram_size`
+        become logits processors that see this turn's answer only, as `chat` applies them (the prompt, with the
+        system turn, the history and the image tokens, would otherwise count as repetitions)."""
+        from .modeling_nvlm_d import _on_generated_tokens_only
+
+        config = copy.deepcopy(self.config)
+        processors = _on_generated_tokens_only(config, prompt_length)
+        generate_kwargs = dict(self._generate_kwargs)
+        generate_kwargs["logits_processor"] = LogitsProcessorList(
+            [*generate_kwargs.get("logits_processor", []), *processors]
+        )
+        return config, generate_kwargs
+
+
+def _crop_every_layer(cache: DynamicCache, length: int) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Cut every layer of `cache` to its first `length` tokens; returns the keys and values cut off, per layer
+    (None where nothing was). `DynamicCache.crop` removes one count from every layer, layer 0's excess, which after
+    a forward pass stopped in layer k would leave the layers with different lengths."""
+    dropped: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
+    for layer in cache.layers:
+        excess = layer.get_seq_length() - length
+        if excess <= 0:
+            dropped.append((None, None))
+            continue
+        dropped.append((layer.keys[..., length:, :].clone(), layer.values[..., length:, :].clone()))
+        layer.crop(-excess)
+    return dropped

@@ -116,6 +116,12 @@ class InternVisionConfig(PreTrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
 
+# The companions of `use_backbone_lora`/`use_llm_lora`: the rest of an unmerged LoRA's settings.
+LORA_SETTING_KEYS = tuple(
+    f"{tower}_lora_{setting}" for tower in ("backbone", "llm") for setting in ("alpha", "dropout", "target_modules")
+)
+
+
 class NVLM_D_Config(PreTrainedConfig):
     """NVLM-D: `vision_config` (InternViT), `llm_config` (Qwen2) and how images become decoder tokens.
 
@@ -125,6 +131,8 @@ class NVLM_D_Config(PreTrainedConfig):
     `dynamic_image_size`, `use_thumbnail`, `min_dynamic_patch` and `max_dynamic_patch` describe the tiling
     the model was trained with (the card's `load_image` is called with `max_num=max_dynamic_patch`).
     `image_token_id` is the id of `<|vision_pad|>`, whose embeddings are replaced by image features.
+    `use_backbone_lora`/`use_llm_lora` are the ranks of unmerged InternVL-style LoRA adapters (0: none), and
+    `{backbone,llm}_lora_{alpha,dropout,target_modules}` the rest of their settings, so that they reload as saved.
     """
 
     model_type = "NVLM_D"
@@ -142,6 +150,15 @@ class NVLM_D_Config(PreTrainedConfig):
     llm_config: dict | PreTrainedConfig | None = None
     use_backbone_lora: int = 0
     use_llm_lora: int = 0
+    # The rest of an unmerged InternVL-style LoRA (`wrap_backbone_lora`/`wrap_llm_lora`), beside its rank above;
+    # None (checkpoints saved before they were recorded, InternVL's own): alpha 2r, dropout 0.05, the package's
+    # target modules.
+    backbone_lora_alpha: float | None = None
+    backbone_lora_dropout: float | None = None
+    backbone_lora_target_modules: list[str] | None = None
+    llm_lora_alpha: float | None = None
+    llm_lora_dropout: float | None = None
+    llm_lora_target_modules: list[str] | None = None
     select_layer: int = -1
     force_image_size: int | None = 448
     downsample_ratio: float = 0.5
@@ -207,6 +224,9 @@ class NVLM_D_Config(PreTrainedConfig):
         built on it) see NVLM-D's rope (theta 1e6, dynamic scaling x3) rather than their defaults."""
         output = super().to_dict()
         output["llm_config"].update(legacy_rope_keys(output["llm_config"].get("rope_parameters")))
+        for key in LORA_SETTING_KEYS:  # written only for a checkpoint with unmerged adapters
+            if output.get(key) is None:
+                output.pop(key, None)
         return output
 
 

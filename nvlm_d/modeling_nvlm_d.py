@@ -129,7 +129,9 @@ def _wrap_with_lora(
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise ImportError("LoRA needs peft: pip install peft (or, in a clone of this repository, pip install -e ".[train]")") from None
+        raise ImportError(
+            "LoRA needs peft: pip install peft (or, in a clone of this repository, pip install -e '.[train]')"
+        ) from None
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
     config = LoraConfig(
@@ -137,6 +139,33 @@ def _wrap_with_lora(
     )
     # peft's new dropout layers start in training mode; keep the mode the module was in (eval after loading)
     return get_peft_model(module, config).train(module.training)
+
+
+def _record_lora_settings(
+    config: NVLM_D_Config, tower: str, r: int, lora_alpha: float, lora_dropout: float, targets: Sequence[str]
+) -> None:
+    """Write a wrapped tower's LoRA settings into `config` (`use_{tower}_lora` and its companions)."""
+    setattr(config, f"use_{tower}_lora", r)
+    setattr(config, f"{tower}_lora_alpha", lora_alpha)
+    setattr(config, f"{tower}_lora_dropout", lora_dropout)
+    setattr(config, f"{tower}_lora_target_modules", list(targets))
+
+
+def _saved_lora_settings(config: NVLM_D_Config, tower: str) -> dict[str, Any]:
+    """The `wrap_{tower}_lora` arguments that rebuild the adapters `config` records; where a checkpoint predates
+    the companions of `use_{tower}_lora` (InternVL's own), InternVL's convention: alpha 2r, dropout 0.05."""
+    r = getattr(config, f"use_{tower}_lora")
+    alpha = getattr(config, f"{tower}_lora_alpha", None)
+    dropout = getattr(config, f"{tower}_lora_dropout", None)
+    targets = getattr(config, f"{tower}_lora_target_modules", None)
+    settings: dict[str, Any] = {
+        "r": r,
+        "lora_alpha": 2 * r if alpha is None else alpha,
+        "lora_dropout": 0.05 if dropout is None else dropout,
+    }
+    if targets is not None:
+        settings["target_modules"] = targets
+    return settings
 
 
 def _restarts_positions(position_ids: torch.Tensor | None) -> bool:
@@ -173,6 +202,7 @@ def _chat_generation_config(settings: dict | GenerationConfig | None, tokenizer:
         extra = config.update(**settings)
     else:
         raise TypeError(f"generation_config must be a dict or a GenerationConfig, got {type(settings).__name__}")
+    _refuse_sampling_without_do_sample(config)
     if config.eos_token_id is None:
         config.eos_token_id = tokenizer.convert_tokens_to_ids(IM_END_TOKEN)
     if config.pad_token_id is None:
@@ -197,6 +227,24 @@ def _settings_streamer(extra: dict, streamer: Any) -> Any:
     if streamer is not None and in_settings is not None and streamer is not in_settings:
         raise ValueError("Two streamers were given, one as streamer= and one in the generation settings: pass one")
     return streamer if streamer is not None else in_settings
+
+
+# Settings that act only when sampling (do_sample=True); `generate` ignores them otherwise.
+SAMPLING_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
+
+def _refuse_sampling_without_do_sample(config: GenerationConfig) -> None:
+    """Sampling settings with `do_sample` left unset are an error, not a greedy answer with a log line: the caller
+    most likely meant to sample. An explicit `do_sample=False` keeps them ignored, as `generate` does (evaluation
+    harnesses pass `temperature=0` that way)."""
+    if config.do_sample is not None:
+        return
+    given = [name for name in SAMPLING_SETTINGS if getattr(config, name, None) is not None]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} only act when sampling, and do_sample is not set (generation would be greedy): "
+            "add do_sample=True to sample, or do_sample=False to answer greedily"
+        )
 
 
 def _positive_counts(name: str, counts: Any, allow_zero: bool = False) -> list[int]:
@@ -261,12 +309,12 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         )
         self.language_model = language_model if language_model is not None else Qwen2ForCausalLM(config.llm_config)
         self.post_init()
-        # An unmerged InternVL-style LoRA checkpoint: build the adapters its weights belong to (alpha = 2r, as
-        # InternVL does), so that `from_pretrained` loads them instead of leaving them randomly initialised.
+        # An unmerged InternVL-style LoRA checkpoint: build the adapters its weights belong to, with the settings they
+        # were saved with, so that `from_pretrained` loads them instead of leaving them randomly initialised.
         if config.use_backbone_lora:
-            self.wrap_backbone_lora(r=config.use_backbone_lora, lora_alpha=2 * config.use_backbone_lora)
+            self.wrap_backbone_lora(**_saved_lora_settings(config, "backbone"))
         if config.use_llm_lora:
-            self.wrap_llm_lora(r=config.use_llm_lora, lora_alpha=2 * config.use_llm_lora)
+            self.wrap_llm_lora(**_saved_lora_settings(config, "llm"))
         if self.generation_config.pad_token_id is None:
             # Qwen2's tokenizer pads with <|endoftext|>, the id the decoder config calls bos_token_id; knowing it,
             # `generate` infers the attention mask of left-padded input_ids passed without one.
@@ -307,27 +355,36 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
     # ----------------------------------------------------------------------------------------------------------
     # InternVL's LoRA helpers
     # ----------------------------------------------------------------------------------------------------------
-    def wrap_backbone_lora(self, r: int = 128, lora_alpha: int = 256, lora_dropout: float = 0.05) -> None:
+    def wrap_backbone_lora(
+        self,
+        r: int = 128,
+        lora_alpha: float = 256,
+        lora_dropout: float = 0.05,
+        target_modules: Sequence[str] = VISION_LORA_TARGETS,
+    ) -> None:
         """InternVL's helper: LoRA adapters (peft) on the ViT's `attn.qkv`, `attn.proj`, `mlp.fc1` and `mlp.fc2`;
-        everything else in the tower is frozen. Sets `config.use_backbone_lora = r`, so that a checkpoint saved
-        without merging (`save_pretrained`) reloads with its adapters; that reload assumes `lora_alpha = 2 * r`,
-        InternVL's convention. Merge with `nvlm_d.training.merge_lora` for a plain checkpoint."""
-        self.vision_model = _wrap_with_lora(self.vision_model, r, lora_alpha, lora_dropout, VISION_LORA_TARGETS, None)
-        self.config.use_backbone_lora = r
-        if lora_alpha != 2 * r:
-            logger.warning(f"wrap_backbone_lora(lora_alpha={lora_alpha}): an unmerged save reloads with 2r={2 * r}")
+        everything else in the tower is frozen. Records the adapters' settings in the config (`use_backbone_lora = r`,
+        `backbone_lora_alpha`, `..._dropout`, `..._target_modules`), so that a checkpoint saved without merging
+        (`save_pretrained`) reloads with the same adapters. Merge with `nvlm_d.training.merge_lora` for a plain
+        checkpoint."""
+        self.vision_model = _wrap_with_lora(self.vision_model, r, lora_alpha, lora_dropout, target_modules, None)
+        _record_lora_settings(self.config, "backbone", r, lora_alpha, lora_dropout, target_modules)
 
-    def wrap_llm_lora(self, r: int = 128, lora_alpha: int = 256, lora_dropout: float = 0.05) -> None:
+    def wrap_llm_lora(
+        self,
+        r: int = 128,
+        lora_alpha: float = 256,
+        lora_dropout: float = 0.05,
+        target_modules: Sequence[str] = LLM_LORA_TARGETS,
+    ) -> None:
         """InternVL's helper: LoRA adapters (peft, `CAUSAL_LM`) on every linear layer of the decoder's blocks
-        (`q/k/v/o_proj`, `gate/up/down_proj`); the rest of the decoder is frozen. Sets `config.use_llm_lora = r`
-        (see `wrap_backbone_lora` for what that means for saving)."""
+        (`q/k/v/o_proj`, `gate/up/down_proj`); the rest of the decoder is frozen. Records the adapters' settings in
+        the config (`use_llm_lora = r`, `llm_lora_alpha`, ...; see `wrap_backbone_lora`)."""
         self.language_model = _wrap_with_lora(
-            self.language_model, r, lora_alpha, lora_dropout, LLM_LORA_TARGETS, "CAUSAL_LM"
+            self.language_model, r, lora_alpha, lora_dropout, target_modules, "CAUSAL_LM"
         )
         self.language_model.enable_input_require_grads()
-        self.config.use_llm_lora = r
-        if lora_alpha != 2 * r:
-            logger.warning(f"wrap_llm_lora(lora_alpha={lora_alpha}): an unmerged save reloads with 2r={2 * r}")
+        _record_lora_settings(self.config, "llm", r, lora_alpha, lora_dropout, target_modules)
 
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()
@@ -726,6 +783,15 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         return 0
 
     @staticmethod
+    def _check_question(question: Any) -> None:
+        """A question is a string with some text: an empty one gets an error, as in `nvlm-d chat` and `nvlm-d batch`
+        (NVLM-D would answer the bare system prompt, or describe the image unasked)."""
+        if not isinstance(question, str):
+            raise TypeError(f"a question must be a string, got {type(question).__name__}")
+        if not question.strip():
+            raise ValueError(f"the question is empty ({question!r}): ask something, e.g. 'Describe the image.'")
+
+    @staticmethod
     def _check_num_patches(num_patches_list: Any, num_tiles: int) -> list[int]:
         if num_patches_list is None:
             return [num_tiles] if num_tiles else []
@@ -870,12 +936,13 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         Args:
             tokenizer: the model's tokenizer.
             pixel_values: [tiles, 3, 448, 448] from `load_image` (any float dtype and device), or None.
-            question: the user's turn; `<image>` marks where each image goes (`<image>\\n` is put in front
-                when there are images, no history and no placeholder).
+            question: the user's turn, not empty; `<image>` marks where each image goes (`<image>\\n` is put in
+                front when there are images, no history and no placeholder).
             generation_config: dict (or GenerationConfig) of generation settings, e.g.
                 `dict(max_new_tokens=1024, do_sample=False)`; not modified. Generation stops at `<|im_end|>` unless
                 it names its own `eos_token_id`. As in the reference, `repetition_penalty` and
-                `no_repeat_ngram_size` look at the generated tokens only, not at the prompt.
+                `no_repeat_ngram_size` look at the generated tokens only, not at the prompt. Sampling settings
+                (`temperature`, `top_p`, `top_k`, ...) without `do_sample` raise ValueError: set `do_sample`.
             history: earlier (question, answer) pairs; not modified. Their `<image>` placeholders are expanded again
                 from `pixel_values`, so pass the same images on every turn.
             return_history: also return the history with this turn appended.
@@ -894,8 +961,7 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
             The response (stripped), or a list of `num_return_sequences` responses when that setting is above 1;
             with `return_history`, also the new history.
         """
-        if not isinstance(question, str):
-            raise TypeError(f"question must be a string, got {type(question).__name__}")
+        self._check_question(question)
         num_patches_list = self._check_num_patches(num_patches_list, self._num_tiles(pixel_values, visual_features))
         self._chat_image_token(tokenizer, IMG_CONTEXT_TOKEN)
         added_placeholder = bool(num_patches_list) and history is None and IMAGE_PLACEHOLDER not in question
@@ -999,8 +1065,7 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         self._chat_image_token(tokenizer, IMG_CONTEXT_TOKEN)
         prompts = []
         for question, tiles in zip(questions, per_question, strict=True):
-            if not isinstance(question, str):
-                raise TypeError(f"each question must be a string, got {type(question).__name__}")
+            self._check_question(question)
             prompts.append(self.chat_prompt(question, tiles, context_token=IMG_CONTEXT_TOKEN))
         if verbose:
             for prompt in prompts:

@@ -14,9 +14,10 @@ NVLM's chat template: `from_pretrained` never builds a CLIP image processor or Q
 from __future__ import annotations
 
 import os
+from functools import cache
 from typing import Any
 
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GenerationConfig
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import PROCESSOR_NAME, cached_file, logging
@@ -37,7 +38,8 @@ class NVLM_D_Processor(ProcessorMixin):
     `processor(text=..., images=...)` expands every `<image>` of `text`, in order, with the next image's tiles;
     `processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
     return_tensors="pt")` renders chat messages (`{"type": "image", "image": path | PIL image}` parts included)
-    first. Outputs: `input_ids`, `attention_mask` (left padding, for batched generation) and `pixel_values`.
+    first. Outputs: `input_ids`, `attention_mask` (left padding, for batched generation: the processor sets its
+    tokenizer's `padding_side` to "left") and `pixel_values`.
     Tiling settings (`max_dynamic_patch`, ...) may be passed per call; their defaults are the image processor's.
     """
 
@@ -59,6 +61,10 @@ class NVLM_D_Processor(ProcessorMixin):
         self.image_seq_length = image_seq_length
         self.image_context_token = image_context_token
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        # Generation continues each row from its last token, so a batch is padded on the left: also where others
+        # pad with this tokenizer (`pipeline(..., batch_size=n)` does), and for a checkpoint whose tokenizer config
+        # says right (the released one names no side, and the default is right).
+        self.tokenizer.padding_side = "left"
 
     @classmethod
     def from_model_config(cls, config: Any, tokenizer: Any, chat_template: str | None = None) -> NVLM_D_Processor:
@@ -98,6 +104,7 @@ class NVLM_D_Processor(ProcessorMixin):
         return cls.from_model_config(config, tokenizer, chat_template=CHAT_TEMPLATE)
 
     def __call__(self, images: Any = None, text: Any = None, **kwargs) -> BatchFeature:
+        _refuse_generation_settings(kwargs)
         outputs = super().__call__(images=images, text=text, **kwargs)
         outputs.pop("num_patches", None)  # spent on the prompt; the model reads the tiles in order
         return outputs
@@ -109,6 +116,26 @@ class NVLM_D_Processor(ProcessorMixin):
     @property
     def model_input_names(self) -> list[str]:
         return [*self.tokenizer.model_input_names, *self.image_processor.model_input_names]
+
+
+@cache
+def _generation_settings() -> frozenset[str]:
+    """The names of `generate`'s settings, less `max_length`, which is also the tokenizer's truncation length."""
+    names = GenerationConfig().to_dict()
+    return frozenset(name for name in names if not name.startswith("_")) - {"max_length", "transformers_version"}
+
+
+def _refuse_generation_settings(kwargs: dict[str, Any]) -> None:
+    """A generation setting given to the processor (`pipeline(..., do_sample=False)` hands it there) would be
+    dropped, so a sampled answer would silently be greedy: say where it goes instead."""
+    names = sorted(set(kwargs) & _generation_settings())
+    if names:
+        example = ", ".join(f"{name!r}: {kwargs[name]!r}" for name in names)
+        raise ValueError(
+            f"generation settings ({', '.join(names)}) cannot be applied by the processor, which only prepares the "
+            f"inputs: pass them to generation, as pipeline(..., generate_kwargs={{{example}}}) or "
+            "model.generate(**inputs, ...)"
+        )
 
 
 NVLM_D_Processor.register_for_auto_class("AutoProcessor")

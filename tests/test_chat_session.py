@@ -139,3 +139,51 @@ def test_a_popped_turn_asked_again_answers_as_chat_without_that_turn(tiny_model,
         tiny_model, tokenizer, [turns[0], ("Image-2: <image>\nWhat colour is it?", [tiles(1, seed=3)])]
     )
     assert again == expected[1]
+
+
+PENALISED = {"max_new_tokens": 8, "do_sample": False, "repetition_penalty": 1.5, "no_repeat_ngram_size": 2}
+
+
+def test_repetition_settings_see_only_the_answer_in_a_session_as_in_chat(tiny_model, tokenizer):
+    answers, _ = session_answers(tiny_model, tokenizer, ONE_IMAGE[:2], PENALISED)
+    assert answers == chat_from_scratch(tiny_model, tokenizer, ONE_IMAGE[:2], PENALISED)
+
+
+def cached_layers(session) -> list[torch.Tensor]:
+    """Every layer's keys and values, in order."""
+    return [tensor.clone() for layer in session._cache.layers for tensor in (layer.keys, layer.values)]
+
+
+def out_of_memory(module, args, kwargs):
+    """A forward pre-hook for decoder layer 1: layer 0 has stored this turn's keys and values, layer 1 not."""
+    raise RuntimeError("simulated out of memory in layer 1")
+
+
+def test_a_turn_that_fails_inside_a_layer_leaves_the_cache_as_it_was(tiny_model, tokenizer):
+    session = tiny_model.start_chat(tokenizer, GREEDY)
+    first = session.ask(TEXT_ONLY[0][0])
+    before, cached = cached_layers(session), session.num_cached_tokens
+    hook = tiny_model.language_model.model.layers[1].register_forward_pre_hook(out_of_memory, with_kwargs=True)
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            session.ask(TEXT_ONLY[1][0])
+    finally:
+        hook.remove()
+    after = cached_layers(session)
+    assert session.num_cached_tokens == cached and session.history == [(TEXT_ONLY[0][0], first)]
+    assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    later = [session.ask(question) for question, _ in TEXT_ONLY[1:]]
+    assert [first, *later] == session_answers(tiny_model, tokenizer, TEXT_ONLY)[0]
+
+
+def test_a_first_turn_that_fails_inside_a_layer_leaves_an_empty_session(tiny_model, tokenizer):
+    session = tiny_model.start_chat(tokenizer, GREEDY)
+    hook = tiny_model.language_model.model.layers[1].register_forward_pre_hook(out_of_memory, with_kwargs=True)
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            session.ask("Hello")
+    finally:
+        hook.remove()
+    assert session.history == [] and session.num_cached_tokens == 0
+    assert all(layer.get_seq_length() == 0 for layer in session._cache.layers)
+    assert session.ask("Hello") == tiny_model.chat(tokenizer, None, "Hello", GREEDY)

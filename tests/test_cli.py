@@ -506,6 +506,36 @@ def test_interactive_chat_over_the_token_limit_says_so_in_one_line_and_goes_on_a
     assert cli_main.stdout == f"{first}\n{after_reset}\n"  # the refused turn printed nothing
 
 
+def test_interactive_chat_goes_on_as_it_was_after_a_turn_fails_inside_a_layer(
+    cli_main, tiny_checkpoint, tiny_model, tokenizer, monkeypatch
+):
+    """The second question fails in the decoder's last layer (as out of memory would); the third is answered as if
+    the second had never been asked."""
+    from nvlm_d.cli import chat as chat_command
+
+    load_model, prefills = chat_command.load_model, []
+
+    def fail_in_the_second_turn(module, args, kwargs):
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        prefills.extend([1] if hidden_states.shape[1] > 1 else [])  # a decoding step runs one token
+        if len(prefills) == 2:
+            raise RuntimeError("simulated out of memory")
+
+    def load_and_break(*args, **kwargs):
+        model, tokenizer = load_model(*args, **kwargs)
+        model.language_model.model.layers[-1].register_forward_pre_hook(fail_in_the_second_turn, with_kwargs=True)
+        return model, tokenizer
+
+    monkeypatch.setattr(chat_command, "load_model", load_and_break)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello, who are you?\nWhat can you do?\nTell me more.\n"))
+    code, stderr = cli_main("chat", "--model", tiny_checkpoint, *FAST)
+    assert code == 0, stderr
+    assert "RuntimeError: simulated out of memory" in stderr and "Traceback" not in stderr
+    first, history = tiny_model.chat(tokenizer, None, "Hello, who are you?", GREEDY4, return_history=True)
+    third = tiny_model.chat(tokenizer, None, "Tell me more.", GREEDY4, history=history)
+    assert cli_main.stdout == f"{first}\n{third}\n"
+
+
 def test_interactive_chat_accepts_the_same_image_twice(cli_main, tiny_checkpoint, images, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("Compare them.\n/quit\n"))
     image = images / "scene.png"
@@ -1033,6 +1063,23 @@ def test_a_misspelled_generation_key_is_an_error_record_naming_it(cli_main, tiny
     assert run_batch(cli_main, tiny_checkpoint, requests, answers)[0] == 1
     (record,) = read_records(answers)
     assert f"unknown key {key!r}" in record["error"] and f"did you mean {suggestion!r}" in record["error"]
+
+
+def test_a_request_with_temperature_but_no_do_sample_is_an_error_record_naming_the_fix(
+    cli_main, tiny_checkpoint, tmp_path
+):
+    requests = write_jsonl(
+        tmp_path / "requests.jsonl",
+        [
+            {"id": "unset", "question": "Hello?", "temperature": 0.7, "max_new_tokens": 2},
+            {"id": "greedy", "question": "Hello?", "temperature": 0.7, "do_sample": False, "max_new_tokens": 2},
+        ],
+    )
+    answers = tmp_path / "answers.jsonl"
+    assert run_batch(cli_main, tiny_checkpoint, requests, answers)[0] == 1
+    records = {record["id"]: record for record in read_records(answers)}
+    assert 'add "do_sample": true to sample, or "do_sample": false' in records["unset"]["error"]
+    assert "answer" in records["greedy"]
 
 
 @pytest.mark.parametrize(

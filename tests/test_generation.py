@@ -34,11 +34,7 @@ def transformers_warnings():
 
 
 def left_padded(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    tokenizer.padding_side = "left"
-    try:
-        batch = tokenizer(prompts, padding=True, return_tensors="pt")
-    finally:
-        tokenizer.padding_side = "right"
+    batch = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
     return batch.input_ids, batch.attention_mask
 
 

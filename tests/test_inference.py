@@ -295,6 +295,28 @@ def test_empty_question_is_rejected(tiny_model, tokenizer):
         tiny_model.chat(tokenizer, None, "   ", GREEDY)
 
 
+def test_empty_question_with_an_image_is_rejected_by_chat_batch_chat_and_sessions(tiny_model, tokenizer):
+    """chat puts `<image>\n` in front of it, which must not make it a question."""
+    with pytest.raises(ValueError, match="question is empty"):
+        tiny_model.chat(tokenizer, tiles(1), "", GREEDY)
+    with pytest.raises(ValueError, match="question is empty"):
+        tiny_model.batch_chat(tokenizer, tiles(2), ["Describe.", " \n"], GREEDY, num_patches_list=[1, 1])
+    with pytest.raises(ValueError, match="question is empty"):
+        tiny_model.start_chat(tokenizer, GREEDY).ask("", tiles(1))
+
+
+@pytest.mark.parametrize("settings", [{"temperature": 0.7}, GenerationConfig(top_p=0.9, max_new_tokens=4)])
+def test_sampling_settings_without_do_sample_are_refused_naming_the_fix(tiny_model, tokenizer, settings):
+    with pytest.raises(ValueError, match="do_sample=True to sample, or do_sample=False"):
+        tiny_model.chat(tokenizer, None, "Hello", settings)
+
+
+def test_sampling_settings_with_do_sample_false_answer_greedily(tiny_model, tokenizer):
+    """How evaluation harnesses call chat (e.g. temperature 0 with do_sample False)."""
+    answer = tiny_model.chat(tokenizer, None, "Hello", {**GREEDY, "temperature": 0.0, "top_p": None})
+    assert answer == tiny_model.chat(tokenizer, None, "Hello", GREEDY)
+
+
 def test_pixel_values_of_the_wrong_shape_are_rejected_by_chat(tiny_model, tokenizer):
     with pytest.raises(
         ValueError, match=r"pixel_values must have shape \[num_tiles, 3, 448, 448\], got \[3, 448, 448\]"

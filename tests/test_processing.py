@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -170,12 +172,42 @@ def test_pipeline_answers_a_chat_with_an_image_as_chat_does(tiny_checkpoint, tin
     )
 
 
+def test_the_processor_makes_a_right_padding_tokenizer_pad_on_the_left(processor):
+    """As the released checkpoint's tokenizer config does (it names no side); pipelines pad with this side."""
+    tokenizer = copy.deepcopy(processor.tokenizer)
+    tokenizer.padding_side = "right"
+    rebuilt = type(processor)(processor.image_processor, tokenizer)
+    batch = rebuilt.tokenizer(["Hi", "Hello there, how are you?"], padding=True)
+    assert batch.attention_mask[0][0] == 0 and batch.attention_mask[0][-1] == 1
+
+
+def test_a_batched_pipeline_answers_conversations_of_different_lengths_as_chat_does(
+    tiny_checkpoint, tiny_model, tokenizer, image_files
+):
+    """batch_size 2 pads the shorter prompt, on the left, where generation continues it."""
+    pipe = pipeline("image-text-to-text", model=str(tiny_checkpoint), trust_remote_code=True)
+    questions = {"square": "What is it?", "wide": "Describe the image in a few words, please."}
+    conversations = [[user(("image", Image.open(image_files[name])), question)] for name, question in questions.items()]
+    outputs = pipe(text=conversations, batch_size=2, generate_kwargs=GREEDY, return_full_text=False)
+    expected = [
+        tiny_model.chat(tokenizer, load_image(image_files[name], max_num=6), question, GREEDY)
+        for name, question in questions.items()
+    ]
+    assert [output[0]["generated_text"].strip() for output in outputs] == expected
+
+
 # -- bad input ---------------------------------------------------------------------------------------------------
 
 
 def test_more_placeholders_than_images_is_rejected(processor):
     with pytest.raises(ValueError, match="<image>"):
         processor(text="<image>\n<image>\nCompare.", images=[Image.new("RGB", (64, 64))])
+
+
+def test_a_generation_setting_given_to_the_processor_is_refused_naming_where_it_goes(processor):
+    """`pipeline(..., do_sample=False)` hands do_sample to the processor, which cannot apply it."""
+    with pytest.raises(ValueError, match=r"generate_kwargs=\{'do_sample': False\}"):
+        render(processor, [user("Hello")], do_sample=False)
 
 
 def test_a_url_is_not_downloaded_and_says_so(processor):

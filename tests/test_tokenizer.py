@@ -319,8 +319,15 @@ def test_tokenizer_config_field_equals_the_checkpoints(our_config, reference_con
     assert our_config[field] == reference_config[field]
 
 
-def test_tokenizer_config_has_the_checkpoints_keys(our_config, reference_config):
-    assert sorted(our_config) == sorted(reference_config)
+def test_tokenizer_config_has_the_checkpoints_keys_and_left_padding(our_config, reference_config):
+    assert sorted(our_config) == sorted([*reference_config, "padding_side"])
+    assert our_config["padding_side"] == "left"
+
+
+def test_slow_and_fast_tokenizers_pad_a_batch_on_the_left_for_generation(slow_and_fast):
+    for tokenizer in slow_and_fast.values():
+        batch = tokenizer(["Hi", "Hello there, how are you?"], padding=True)
+        assert batch.attention_mask[0][0] == 0 and batch.attention_mask[0][-1] == 1
 
 
 def test_added_tokens_are_22_from_151643_with_14_special(our_config):

@@ -101,10 +101,10 @@ def test_a_merged_save_has_the_released_names_and_reloads_exactly(tmp_path, batc
     )
 
 
-def test_an_unmerged_internvl_style_checkpoint_reloads_its_adapters(tmp_path, batch):
+def test_an_unmerged_internvl_style_checkpoint_reloads_its_adapters_as_they_were_saved(tmp_path, batch):
     model = build_tiny_model()
-    model.wrap_backbone_lora(r=4, lora_alpha=8)
-    model.wrap_llm_lora(r=4, lora_alpha=8)
+    model.wrap_backbone_lora(r=4, lora_alpha=12, lora_dropout=0.1)
+    model.wrap_llm_lora(r=4)  # InternVL's default alpha, 256 whatever r is: scaling 64, not 2r / r = 2
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -118,6 +118,9 @@ def test_an_unmerged_internvl_style_checkpoint_reloads_its_adapters(tmp_path, ba
     assert expected.keys() == actual.keys()
     assert any("lora_B" in name for name in actual)
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    vision, llm = reloaded.vision_model.peft_config["default"], reloaded.language_model.peft_config["default"]
+    assert (vision.r, vision.lora_alpha, vision.lora_dropout) == (4, 12, 0.1)
+    assert (llm.r, llm.lora_alpha, llm.lora_dropout) == (4, 256, 0.05)
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).logits, model(**batch).logits)
 

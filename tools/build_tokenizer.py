@@ -33,7 +33,8 @@ How the files are derived:
 4. tokenizer_config.json: the checkpoint's settings (eos `<|im_end|>`, pad `<|endoftext|>`, no bos/unk,
    131072 max length, the 22 added tokens), except `chat_template`, which is `nvlm_d.conversation.CHAT_TEMPLATE`:
    NVLM's chatml without a newline after `<|im_end|>` and with the default system message
-   "Answer the questions.".
+   "Answer the questions.", plus `padding_side: "left"` (the checkpoint names none, so right), where batched
+   generation needs the padding.
 
 The output is reproducible: two runs give byte-identical files (ordering by id, fixed JSON formatting).
 tests/test_tokenizer.py checks the files against the checkpoint's and against a rebuild.
@@ -215,7 +216,9 @@ def load_chat_template() -> str:
 
 
 def tokenizer_config(chat_template: str) -> dict:
-    """tokenizer_config.json: the checkpoint's settings, NVLM's chat template."""
+    """tokenizer_config.json: the checkpoint's settings, NVLM's chat template, and left padding (a decoder-only
+    model generates after each row's last token; batched `tokenizer(..., padding=True)` and pipelines then pad where
+    generation expects it)."""
     return {
         "add_bos_token": False,
         "add_prefix_space": False,
@@ -238,6 +241,7 @@ def tokenizer_config(chat_template: str) -> dict:
         "errors": "replace",
         "model_max_length": 131072,
         "pad_token": "<|endoftext|>",
+        "padding_side": "left",
         "split_special_tokens": False,
         "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,

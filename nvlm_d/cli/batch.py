@@ -230,6 +230,13 @@ def _parse_request(record: dict, number: int, key: tuple, base: Path) -> BatchRe
                 request.error = f"{name} must be {expected}, got {record[name]!r}"
                 return request
             request.generation[name] = record[name]
+    sampling = [name for name in ("temperature", "top_p", "top_k") if name in request.generation]
+    if sampling and "do_sample" not in request.generation:  # as chat refuses them (see docs/cli.md)
+        request.error = (
+            f'{", ".join(sampling)} only act when sampling and do_sample is not set: add "do_sample": true to '
+            'sample, or "do_sample": false to answer greedily'
+        )
+        return request
     question = with_image_placeholders(question, len(paths))
     if question.count(IMAGE_PLACEHOLDER) != len(paths):
         request.error = (

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..configuration_nvlm_d import LORA_SETTING_KEYS
 from ..modeling_nvlm_d import LLM_LORA_TARGETS, VISION_LORA_TARGETS, NVLM_D_Model
 
 PARTS = ("vision", "mlp1", "llm")  # what --freeze names
@@ -126,8 +127,8 @@ def prepare_for_kbit_training(model: NVLM_D_Model, gradient_checkpointing: bool 
 def merge_lora(model: nn.Module) -> NVLM_D_Model:
     """The plain NVLM_D_Model with every LoRA adapter merged into its base weights: from a `PeftModel` around the
     whole model (`apply_lora`) and from InternVL-style wrapped towers (`wrap_llm_lora`, `wrap_backbone_lora`).
-    The config's `use_llm_lora`/`use_backbone_lora` are reset, so the saved checkpoint holds plain tensors under
-    the released names."""
+    The config's `use_llm_lora`/`use_backbone_lora` (and their alpha, dropout and target modules) are reset, so the
+    saved checkpoint holds plain tensors under the released names."""
     peft = require_peft()
     if isinstance(model, peft.PeftModel):
         model = model.merge_and_unload()
@@ -137,6 +138,8 @@ def merge_lora(model: nn.Module) -> NVLM_D_Model:
         model.language_model = model.language_model.merge_and_unload()
     model.config.use_llm_lora = 0
     model.config.use_backbone_lora = 0
+    for key in LORA_SETTING_KEYS:
+        setattr(model.config, key, None)
     return model
 
 
