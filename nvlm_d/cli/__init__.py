@@ -9,6 +9,8 @@
     nvlm-d serve --model PATH --gpus N            serve it with vLLM (OpenAI-compatible), one machine or several
     nvlm-d finetune --model PATH --data D.jsonl --output DIR
                                                   fine-tune (LoRA, QLoRA, full) on one GPU or many
+    nvlm-d eval --model PATH --result-save-path DIR --zero-shot-eval-tasks T ...
+                                                  the model card's benchmarks (lmms-eval, NVLM's prompts)
 
 One module a command (demo, chat, tiles, batch, plan, serve, finetune), with what they share in common.py. Adding
 a command: a module whose `add_parser(commands)` adds a subparser whose defaults set `handler`, listed in
@@ -29,7 +31,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .. import __version__
-from . import batch, chat, demo, finetune, plan, serve, tiles
+from . import batch, chat, demo, eval, finetune, plan, serve, tiles
 from .common import PROG, CLIError, Parser, one_line, say
 
 # The subcommands, in the order `--help` lists them. A new command is one module more.
@@ -41,6 +43,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     plan.add_parser,
     serve.add_parser,
     finetune.add_parser,
+    eval.add_parser,
 ]
 
 
