@@ -107,7 +107,8 @@ def run_evaluation(request: EvalRequest) -> list[Any] | None:
         raise ValueError(f"limit must be >= 1, got {request.limit}")
     config = load_config(request.config_path)
     chosen = config.select(request.tasks)
-    task_manager = TaskManager(include_path=str(TASKS_DIR))
+    # Only the nvlm_* tasks: indexing lmms-eval's hundreds of task files costs seconds and none of them is needed.
+    task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
     tasks = task_configs(request, chosen, task_manager)
     result_dir = Path(request.result_save_path)
     result_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,232 @@
+"""The card's evaluation end to end on lmms-eval, offline: hand-made records in each dataset's schema as local
+files (`--data-dir`), a model with fixed answers for exact expected scores, resuming after a kill, bad input, the
+lmms-eval registration, and the card's command on the tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lmms_eval", reason="the [eval] extra (lmms-eval) is not installed")
+
+from PIL import Image  # noqa: E402
+
+from nvlm_d.evaluation.runner import EvalRequest, run_evaluation  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG = REPO_ROOT / "eval" / "full_eval.yaml"
+
+# question -> the model's fixed raw answer (before NVLM's first-line cut)
+ANSWERS = {
+    "Share of red?": "45%\nbecause the bar says so",  # truth 45: nvlm right (% stripped), standard wrong (0.45)
+    "Sales in May?": "10.4",  # truth 10: within 5% in both
+    "Is it rising?": "No",  # truth yes: wrong in both
+    "What animal?": "cat",  # 2 of 10 annotators said cat: nvlm 2/3, standard 0.6
+    "What is written?": "cat and dog",  # both truths found: nvlm 2 points, standard 1
+    "What is printed?": "nothing",
+    "Which colour?": "(A)",  # right
+    "Which shape?": "B",  # truth A
+    "What is the title?": "Annual Report\n\nmore",
+}
+
+
+def _write(directory: Path, task: str, split: str, records: list[dict]) -> None:
+    folder = directory / task
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for index, record in enumerate(records):
+        for field in ("image", "image_1"):
+            if record.get(field) == "make":
+                Image.new("RGB", (64, 48), (30 * index, 100, 200)).save(folder / "images" / f"{index}.png")
+                record[field] = f"images/{index}.png"
+    (folder / f"{split}.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("eval_data")
+    _write(directory, "chartqa", "test", [
+        {"image": "make", "question": "Share of red?", "answer": "45", "type": "human_test"},
+        {"image": "make", "question": "Sales in May?", "answer": "10", "type": "augmented_test"},
+        {"image": "make", "question": "Is it rising?", "answer": "yes", "type": "human_test"},
+    ])  # fmt: skip
+    _write(directory, "textvqa", "validation", [
+        {"image": "make", "question": "What animal?", "answers": ["cat"] * 2 + ["dog"] * 8, "question_id": 5},
+    ])  # fmt: skip
+    _write(directory, "ocrbench", "test", [
+        {"image": "make", "question": "What is written?", "answer": ["cat", "dog"], "dataset": "docVQA",
+         "question_type": "Doc-oriented VQA"},
+        {"image": "make", "question": "What is printed?", "answer": ["stop"], "dataset": "IIIT5K",
+         "question_type": "Regular Text Recognition"},
+    ])  # fmt: skip
+    _write(directory, "mmmu", "validation", [
+        {"image_1": "make", "id": "validation_Art_1", "question": "<image 1> Which colour?", "options": "['red', 'blue']",
+         "answer": "A", "question_type": "multiple-choice"},
+        {"image_1": "make", "id": "validation_Art_2", "question": "Which shape?", "options": "['round', 'square']",
+         "answer": "A", "question_type": "multiple-choice"},
+    ])  # fmt: skip
+    _write(directory, "docvqa_test", "test", [
+        {"image": "make", "question": "What is the title?", "answers": None, "questionId": 101},
+    ])  # fmt: skip
+    return directory
+
+
+class FixedAnswers:
+    """Stands in for NVLM-D where only the answers matter: `batch_chat` answers each question from ANSWERS and
+    counts the questions it was asked."""
+
+    dtype = None
+    device = "cpu"
+
+    def __init__(self):
+        import torch
+
+        self.dtype = torch.float32
+        self.asked: list[str] = []
+
+    def batch_chat(self, tokenizer, pixel_values, questions, config, num_patches_list):
+        answers = []
+        for question in questions:
+            self.asked.append(question)
+            answers.append(next(answer for key, answer in ANSWERS.items() if key in question))
+        return answers
+
+
+def _run(result_dir: Path, data_dir: Path, tasks: list[str], model, limit: int | None = None):
+    request = EvalRequest(
+        config_path=str(CONFIG),
+        result_save_path=str(result_dir),
+        tasks=tasks,
+        data_dir=str(data_dir),
+        batch_size=2,
+        limit=limit,
+        model=model,
+        tokenizer=object(),
+    )
+    return run_evaluation(request)
+
+
+@pytest.fixture(scope="module")
+def fixed_run(tmp_path_factory, data_dir):
+    result_dir = tmp_path_factory.mktemp("fixed_run")
+    model = FixedAnswers()
+    collected = _run(result_dir, data_dir, ["chartqa", "textvqa", "chartqa", "ocrbench", "mmmu", "docvqa_test"], model)
+    return result_dir, {result.name: result for result in collected}, model
+
+
+def test_fixed_answers_give_the_expected_scores_in_both_profiles(fixed_run):
+    _, results, _ = fixed_run
+    assert results["chartqa"].scores == pytest.approx({"nvlm": 200 / 3, "standard": 100 / 3})
+    assert results["textvqa"].scores == pytest.approx({"nvlm": 200 / 3, "standard": 60.0})
+    assert results["ocrbench"].scores == {"nvlm": 2.0, "standard": 1.0}
+    assert results["mmmu"].scores == {"nvlm": 50.0, "standard": 50.0}
+
+
+def test_duplicate_task_names_run_once(fixed_run):
+    result_dir, results, model = fixed_run
+    assert list(results) == ["chartqa", "textvqa", "ocrbench", "mmmu", "docvqa_test"]
+    assert sum("Share of red?" in question for question in model.asked) == 1
+
+
+def test_sample_records_keep_prompt_raw_output_cut_answer_and_scores(fixed_run):
+    result_dir, _, _ = fixed_run
+    records = [json.loads(line) for line in (result_dir / "samples" / "chartqa.jsonl").read_text().splitlines()]
+    assert [record["doc_id"] for record in records] == [0, 1, 2]
+    first = records[0]
+    assert first["prompt"] == "Share of red?\nAnswer the question using a single word or phrase."
+    assert first["raw_output"] == "45%\nbecause the bar says so"
+    assert first["answer"] == "45%"
+    assert (first["nvlm"], first["standard"]) == (1.0, 0.0)
+
+
+def test_server_only_split_gets_a_submission_file_not_a_score(fixed_run):
+    result_dir, results, _ = fixed_run
+    assert results["docvqa_test"].scores == {"nvlm": None, "standard": None}
+    submission = json.loads((result_dir / "submissions" / "docvqa_test.json").read_text())
+    assert submission == [{"questionId": 101, "answer": "Annual Report"}]
+
+
+def test_summary_table_and_chart(fixed_run):
+    result_dir, _, _ = fixed_run
+    summary = json.loads((result_dir / "summary.json").read_text())
+    assert summary["tasks"]["chartqa"]["card"] == 86.0
+    assert summary["tasks"]["chartqa"]["difference"]["standard"] == pytest.approx(100 / 3 - 86.0)
+    table = (result_dir / "results.md").read_text()
+    assert "| chartqa | test | 3 | 66.7 | 33.3 | 86.0 | -19.3 | -52.7 |" in table
+    assert "| docvqa_test | test | 1 | server | server |" in table
+    with Image.open(result_dir / "results.png") as chart:
+        assert chart.format == "PNG" and chart.width > 300
+
+
+class NoModel(FixedAnswers):
+    def batch_chat(self, *args, **kwargs):
+        raise AssertionError("a resumed run must not ask the model again")
+
+
+def test_a_finished_run_resumes_without_asking_again(fixed_run, data_dir):
+    result_dir, results, _ = fixed_run
+    again = {r.name: r for r in _run(result_dir, data_dir, ["chartqa", "textvqa", "ocrbench", "mmmu"], NoModel())}
+    assert again["chartqa"].scores == results["chartqa"].scores
+    assert again["chartqa"].samples == 3
+
+
+def test_a_killed_run_resumes_with_only_the_missing_answers(tmp_path, data_dir):
+    first = FixedAnswers()
+    _run(tmp_path, data_dir, ["chartqa"], first)
+    journal = tmp_path / "answers" / "rank-0.jsonl"
+    lines = journal.read_text().splitlines()
+    journal.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # killed while writing the second answer
+    second = FixedAnswers()
+    results = _run(tmp_path, data_dir, ["chartqa"], second)
+    assert len(second.asked) == 2  # the first answer came from the journal, none twice
+    assert results[0].samples == 3
+    assert results[0].scores == pytest.approx({"nvlm": 200 / 3, "standard": 100 / 3})
+
+
+def test_unknown_task_name_is_a_clear_error(tmp_path, data_dir):
+    with pytest.raises(ValueError, match=r"unknown task 'chartqaa'.*known: .*chartqa"):
+        _run(tmp_path, data_dir, ["chartqaa"], FixedAnswers())
+
+
+def test_missing_local_file_names_the_expected_path(tmp_path, data_dir):
+    with pytest.raises(ValueError, match=r"realworldqa.*test\.jsonl"):
+        _run(tmp_path, data_dir, ["realworldqa"], FixedAnswers())
+
+
+def test_lmms_eval_finds_the_nvlm_d_model():
+    """Through the installed entry point where the package is installed with its metadata (CI), else through the
+    manifest the entry point names."""
+    from importlib.metadata import entry_points
+
+    from lmms_eval.models.registry_v2 import ModelRegistryV2
+
+    from nvlm_d.evaluation.lmms_model import MANIFEST, NVLMD
+
+    registry = ModelRegistryV2()
+    if any(ep.name == "nvlm_d" for ep in entry_points(group="lmms_eval.models")):
+        registry.load_entrypoint_manifests()
+    else:
+        registry.register_manifest(MANIFEST)
+    assert registry.get_model_class("nvlm_d") is NVLMD
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    assert 'nvlm_d = "nvlm_d.evaluation.lmms_model:MANIFEST"' in pyproject
+
+
+def test_the_cards_command_runs_on_the_tiny_checkpoint(tiny_checkpoint, data_dir, tmp_path):
+    command = [
+        sys.executable, "run_eval.py", "--config-path", "eval/full_eval.yaml", "--result-save-path", str(tmp_path),
+        "--zero-shot-eval-tasks", "chartqa", "mmmu", "chartqa", "docvqa_test",
+        "--model", str(tiny_checkpoint), "--data-dir", str(data_dir), "--limit", "1", "--device", "cpu",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "| chartqa | test | 1 |" in result.stdout
+    assert "| docvqa_test | test | 1 | server | server |" in result.stdout
+    record = json.loads((tmp_path / "samples" / "mmmu.jsonl").read_text())
+    assert record["prompt"] == "Which colour?\n(A) red\n(B) blue\n\nAnswer with the option's letter from the given choices directly."
+    assert record["answer"] == record["raw_output"].split("<|im_end|>")[0].strip().split("\n")[0].strip()
