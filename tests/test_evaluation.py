@@ -14,6 +14,7 @@ import pytest
 
 pytest.importorskip("lmms_eval", reason="the [eval] extra (lmms-eval) is not installed")
 
+from eval_fixtures import FixedAnswers, write_records  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from nvlm_d.evaluation.runner import EvalRequest, run_evaluation  # noqa: E402
@@ -21,79 +22,10 @@ from nvlm_d.evaluation.runner import EvalRequest, run_evaluation  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG = REPO_ROOT / "eval" / "full_eval.yaml"
 
-# question -> the model's fixed raw answer (before NVLM's first-line cut)
-ANSWERS = {
-    "Share of red?": "45%\nbecause the bar says so",  # truth 45: nvlm right (% stripped), standard wrong (0.45)
-    "Sales in May?": "10.4",  # truth 10: within 5% in both
-    "Is it rising?": "No",  # truth yes: wrong in both
-    "What animal?": "cat",  # 2 of 10 annotators said cat: nvlm 2/3, standard 0.6
-    "What is written?": "cat and dog",  # both truths found: nvlm 2 points, standard 1
-    "What is printed?": "nothing",
-    "Which colour?": "(A)",  # right
-    "Which shape?": "B",  # truth A
-    "What is the title?": "Annual Report\n\nmore",
-}
-
-
-def _write(directory: Path, task: str, split: str, records: list[dict]) -> None:
-    folder = directory / task
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    for index, record in enumerate(records):
-        for field in ("image", "image_1"):
-            if record.get(field) == "make":
-                Image.new("RGB", (64, 48), (30 * index, 100, 200)).save(folder / "images" / f"{index}.png")
-                record[field] = f"images/{index}.png"
-    (folder / f"{split}.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
-
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("eval_data")
-    _write(directory, "chartqa", "test", [
-        {"image": "make", "question": "Share of red?", "answer": "45", "type": "human_test"},
-        {"image": "make", "question": "Sales in May?", "answer": "10", "type": "augmented_test"},
-        {"image": "make", "question": "Is it rising?", "answer": "yes", "type": "human_test"},
-    ])  # fmt: skip
-    _write(directory, "textvqa", "validation", [
-        {"image": "make", "question": "What animal?", "answers": ["cat"] * 2 + ["dog"] * 8, "question_id": 5},
-    ])  # fmt: skip
-    _write(directory, "ocrbench", "test", [
-        {"image": "make", "question": "What is written?", "answer": ["cat", "dog"], "dataset": "docVQA",
-         "question_type": "Doc-oriented VQA"},
-        {"image": "make", "question": "What is printed?", "answer": ["stop"], "dataset": "IIIT5K",
-         "question_type": "Regular Text Recognition"},
-    ])  # fmt: skip
-    _write(directory, "mmmu", "validation", [
-        {"image_1": "make", "id": "validation_Art_1", "question": "<image 1> Which colour?", "options": "['red', 'blue']",
-         "answer": "A", "question_type": "multiple-choice"},
-        {"image_1": "make", "id": "validation_Art_2", "question": "Which shape?", "options": "['round', 'square']",
-         "answer": "A", "question_type": "multiple-choice"},
-    ])  # fmt: skip
-    _write(directory, "docvqa_test", "test", [
-        {"image": "make", "question": "What is the title?", "answers": None, "questionId": 101},
-    ])  # fmt: skip
-    return directory
-
-
-class FixedAnswers:
-    """Stands in for NVLM-D where only the answers matter: `batch_chat` answers each question from ANSWERS and
-    counts the questions it was asked."""
-
-    dtype = None
-    device = "cpu"
-
-    def __init__(self):
-        import torch
-
-        self.dtype = torch.float32
-        self.asked: list[str] = []
-
-    def batch_chat(self, tokenizer, pixel_values, questions, config, num_patches_list):
-        answers = []
-        for question in questions:
-            self.asked.append(question)
-            answers.append(next(answer for key, answer in ANSWERS.items() if key in question))
-        return answers
+    return write_records(tmp_path_factory.mktemp("eval_data"))
 
 
 def _run(result_dir: Path, data_dir: Path, tasks: list[str], model, limit: int | None = None):
@@ -228,5 +160,33 @@ def test_the_cards_command_runs_on_the_tiny_checkpoint(tiny_checkpoint, data_dir
     assert "| chartqa | test | 1 |" in result.stdout
     assert "| docvqa_test | test | 1 | server | server |" in result.stdout
     record = json.loads((tmp_path / "samples" / "mmmu.jsonl").read_text())
-    assert record["prompt"] == "Which colour?\n(A) red\n(B) blue\n\nAnswer with the option's letter from the given choices directly."
+    assert (
+        record["prompt"]
+        == "Which colour?\n(A) red\n(B) blue\n\nAnswer with the option's letter from the given choices directly."
+    )
     assert record["answer"] == record["raw_output"].split("<|im_end|>")[0].strip().split("\n")[0].strip()
+
+
+def test_torchrun_two_processes_score_every_sample_once(fixed_run, data_dir, tmp_path):
+    """Data parallel as lmms-eval does it (gloo, CPU): each rank answers its own share, rank 0 gathers; the same
+    samples and scores as one process, none lost, none twice."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    script = REPO_ROOT / "tests" / "distributed" / "eval_data_parallel.py"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [*command, str(script), str(data_dir), str(tmp_path)], capture_output=True, text=True, timeout=1800, env=env
+    )
+    assert result.returncode == 0, result.stderr[-6000:]
+    asked = [json.loads((tmp_path / f"asked-{rank}.json").read_text()) for rank in (0, 1)]
+    assert asked[0] and asked[1]  # both ranks worked
+    # Every question was asked; a rank with fewer documents also answers copies of its last request, which
+    # lmms-eval adds to even the ranks out and drops before scoring (the sample files below hold each sample once).
+    assert len(set(asked[0]) | set(asked[1])) == 3 + 1 + 2 + 2
+    one_process_dir, one_process, _ = fixed_run
+    summary = json.loads((tmp_path / "summary.json").read_text())["tasks"]
+    for name in ("chartqa", "textvqa", "ocrbench", "mmmu"):
+        assert summary[name]["samples"] == one_process[name].samples
+        assert summary[name]["scores"] == pytest.approx(one_process[name].scores)
+        assert (tmp_path / "samples" / f"{name}.jsonl").read_text() == (
+            one_process_dir / "samples" / f"{name}.jsonl"
+        ).read_text()

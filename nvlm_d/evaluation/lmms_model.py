@@ -74,7 +74,6 @@ class NVLMD(lmms):
                 raise ValueError("the openai backend needs base_url and served_model_name")
             self.backend = OpenAIBackend(base_url, served_model_name, api_key)
             self.batch_size = int(batch_size)
-            self._device = "cpu"
             return
         if model is None:
             if not pretrained:
@@ -85,11 +84,12 @@ class NVLMD(lmms):
             raise ValueError("a model object needs its tokenizer too")
         self.backend = HFBackend(model, tokenizer, batch_size=int(batch_size), max_num=int(max_num))
         self.batch_size = int(batch_size)
-        self._device = model.device
 
     @property
     def device(self) -> Any:
-        return self._device
+        """Where lmms-eval puts its own bookkeeping tensors (the per-rank request counts it gathers): the CPU, so
+        that its gloo process group works whatever GPUs the model sits on; the model places its inputs itself."""
+        return "cpu"
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Answers in request order, with a progress bar (rate, ETA) per task. lmms-eval's `until` strings are

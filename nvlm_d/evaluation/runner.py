@@ -123,6 +123,7 @@ def run_evaluation(request: EvalRequest) -> list[Any] | None:
         batch_size=request.batch_size,
         verbosity="WARNING",
         bootstrap_iters=0,
+        distributed_executor_backend="torchrun",  # torch.distributed collectives (gloo) under torchrun and accelerate
     )
     if results is None:  # not rank 0
         return None
