@@ -50,8 +50,8 @@ def write_records(directory: Path) -> Path:
          "question_type": "Regular Text Recognition"},
     ])  # fmt: skip
     _write(directory, "mmmu", "validation", [
-        {"image_1": "make", "id": "validation_Art_1", "question": "<image 1> Which colour?", "options": "['red', 'blue']",
-         "answer": "A", "question_type": "multiple-choice"},
+        {"image_1": "make", "id": "validation_Art_1", "question": "<image 1> Which colour?",
+         "options": "['red', 'blue']", "answer": "A", "question_type": "multiple-choice"},
         {"image_1": "make", "id": "validation_Art_2", "question": "Which shape?", "options": "['round', 'square']",
          "answer": "A", "question_type": "multiple-choice"},
     ])  # fmt: skip
