@@ -4,17 +4,19 @@ lmms-eval registration, and the card's command on the tiny checkpoint."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("lmms_eval", reason="the [eval] extra (lmms-eval) is not installed")
 
-from eval_fixtures import FixedAnswers, write_records  # noqa: E402
+from eval_fixtures import ANSWERS, FixedAnswers, write_records  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from nvlm_d.evaluation.runner import EvalRequest, run_evaluation  # noqa: E402
@@ -190,3 +192,58 @@ def test_torchrun_two_processes_score_every_sample_once(fixed_run, data_dir, tmp
         assert (tmp_path / "samples" / f"{name}.jsonl").read_text() == (
             one_process_dir / "samples" / f"{name}.jsonl"
         ).read_text()
+
+
+class _FakeOpenAI(http.server.BaseHTTPRequestHandler):
+    """A loopback OpenAI chat-completions endpoint: records each request body, answers from ANSWERS."""
+
+    bodies: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).bodies.append(body)
+        text = body["messages"][-1]["content"][-1]["text"]
+        answer = next(answer for key, answer in ANSWERS.items() if key in text)
+        reply = {
+            "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }  # fmt: skip
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_openai_backend_sends_nvlm_prompts_and_scores_as_the_hf_backend(fixed_run, data_dir, tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        request = EvalRequest(
+            config_path=str(CONFIG),
+            result_save_path=str(tmp_path),
+            tasks=["chartqa", "mmmu"],
+            data_dir=str(data_dir),
+            backend="openai",
+            base_url=f"http://127.0.0.1:{server.server_address[1]}/v1",
+            served_model_name="nvlm-d",
+        )
+        results = {result.name: result for result in run_evaluation(request)}
+    finally:
+        server.shutdown()
+        thread.join()
+    _, one_process, _ = fixed_run
+    assert results["chartqa"].scores == pytest.approx(one_process["chartqa"].scores)
+    assert results["mmmu"].scores == pytest.approx(one_process["mmmu"].scores)
+    body = next(body for body in _FakeOpenAI.bodies if "Share of red?" in json.dumps(body))
+    assert body["model"] == "nvlm-d" and body["temperature"] == 0.0 and body["max_tokens"] == 16
+    assert body["messages"][0] == {"role": "system", "content": "Answer the questions."}
+    image, text = body["messages"][1]["content"]
+    assert image["image_url"]["url"].startswith("data:image/png;base64,")
+    assert text["text"] == "Share of red?\nAnswer the question using a single word or phrase."
