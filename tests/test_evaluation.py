@@ -247,3 +247,29 @@ def test_openai_backend_sends_nvlm_prompts_and_scores_as_the_hf_backend(fixed_ru
     image, text = body["messages"][1]["content"]
     assert image["image_url"]["url"].startswith("data:image/png;base64,")
     assert text["text"] == "Share of red?\nAnswer the question using a single word or phrase."
+
+
+def test_eval_help_and_argument_errors_import_no_heavy_library():
+    probe = (
+        "import contextlib, io, json, sys\n"
+        "from nvlm_d.cli import main\n"
+        "for argv in (['eval', '--help'], ['eval', '--result-save-path', 'r'], ['eval', '--bits', '3']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "        try:\n"
+        "            main(argv)\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'lmms_eval'})))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=1800, env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
+
+
+def test_run_eval_reports_an_unknown_task_in_one_line(tmp_path):
+    command = [sys.executable, "run_eval.py", "--result-save-path", str(tmp_path), "--zero-shot-eval-tasks", "chrtqa"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("run_eval.py: error: unknown task 'chrtqa'")
