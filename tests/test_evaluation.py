@@ -108,6 +108,14 @@ def test_a_finished_run_resumes_without_asking_again(fixed_run, data_dir):
     assert again["chartqa"].samples == 3
 
 
+def test_another_models_answers_are_not_reused(tmp_path, data_dir):
+    _run(tmp_path, data_dir, ["textvqa"], FixedAnswers())
+    other = FixedAnswers()
+    other.name_or_path = "another-model"
+    _run(tmp_path, data_dir, ["textvqa"], other)
+    assert len(other.asked) == 1
+
+
 def test_a_killed_run_resumes_with_only_the_missing_answers(tmp_path, data_dir):
     first = FixedAnswers()
     _run(tmp_path, data_dir, ["chartqa"], first)
@@ -273,3 +281,13 @@ def test_run_eval_reports_an_unknown_task_in_one_line(tmp_path):
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("run_eval.py: error: unknown task 'chrtqa'")
+
+
+def test_summary_breaks_mmmu_down_by_subject_and_ocrbench_by_category(fixed_run):
+    result_dir, _, _ = fixed_run
+    tasks = json.loads((result_dir / "summary.json").read_text())["tasks"]
+    assert tasks["mmmu"]["breakdown"] == {"Art": {"nvlm": 50.0, "standard": 50.0}}
+    assert tasks["ocrbench"]["breakdown"] == {
+        "Doc-oriented VQA": {"nvlm": 2.0, "standard": 1.0},
+        "Regular Text Recognition": {"nvlm": 0.0, "standard": 0.0},
+    }

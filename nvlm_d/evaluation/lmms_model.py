@@ -15,13 +15,25 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 from tqdm import tqdm
+from transformers.utils import logging
 
 from .backends import BACKENDS, HFBackend, OpenAIBackend, Placement, Request, load_hf_model
 from .journal import AnswerJournal, answer_key
 from .prompts import MAX_NEW_TOKENS, MAX_TILES
 
+logger = logging.get_logger(__name__)
+
 MODEL_NAME = "nvlm_d"
 MANIFEST = ModelManifest(model_id=MODEL_NAME, simple_class_path="nvlm_d.evaluation.lmms_model.NVLMD")
+
+
+def _model_tag(backend: str, pretrained: str | None, served_model_name: str | None, model: Any) -> str:
+    """Which model answered, for the answer journal: a resumed run reuses only the same model's answers."""
+    if backend == "openai":
+        return f"openai:{served_model_name}"
+    if model is not None:
+        return str(getattr(model, "name_or_path", None) or type(model).__name__)
+    return str(pretrained)
 
 
 def _optional_int(value: Any) -> int | None:
@@ -68,7 +80,9 @@ class NVLMD(lmms):
         replica = int(os.environ.get("LOCAL_RANK", 0))
         self.backend_name = backend
         self.journal = AnswerJournal(journal_dir, self._rank) if journal_dir else None
-        self.model_tag = str(served_model_name if backend == "openai" else pretrained or type(model).__name__)
+        self.model_tag = _model_tag(backend, pretrained, served_model_name, model)
+        if unused:
+            logger.warning("nvlm_d ignores these model arguments: %s", ", ".join(sorted(unused)))
         if backend == "openai":
             if not base_url or not served_model_name:
                 raise ValueError("the openai backend needs base_url and served_model_name")

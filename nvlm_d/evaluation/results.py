@@ -36,6 +36,7 @@ class TaskResult:
     card: float | None
     card_split: str | None = None
     submission: str | None = None
+    breakdown: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # group -> profile -> score
 
     def difference(self, profile: str) -> float | None:
         score = self.scores.get(profile)
@@ -73,6 +74,34 @@ def sample_record(sample: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def _group_of(task: str, doc: dict[str, Any]) -> str | None:
+    """MMMU's subject (from ids like `validation_Art_Theory_12`) and OCRBench's category: the benchmarks' own
+    breakdowns."""
+    if task.startswith(("nvlm_mmmu", "nvlm_mmmu_pro")) and isinstance(doc.get("id"), str) and "_" in doc["id"]:
+        return "_".join(doc["id"].split("_")[1:-1]) or None
+    if task == "nvlm_ocrbench":
+        return doc.get("question_type")
+    return None
+
+
+def breakdown(task: str, samples: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per group, each profile's score: points for OCRBench, else the mean in %."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for sample in samples:
+        group = _group_of(task, sample.get("doc") or {})
+        if group is not None:
+            groups.setdefault(group, []).append(sample)
+    scores: dict[str, dict[str, float]] = {}
+    for group, members in sorted(groups.items()):
+        scores[group] = {}
+        for profile in PROFILES:
+            values = [float(sample[profile]) for sample in members if isinstance(sample.get(profile), (int, float))]
+            if values:
+                total = sum(values)
+                scores[group][profile] = total if task == "nvlm_ocrbench" else 100.0 * total / len(values)
+    return scores
+
+
 def collect(results: dict[str, Any], chosen: Sequence[TaskSettings]) -> list[TaskResult]:
     """lmms-eval's results (simple_evaluate's return value) as one TaskResult per card task."""
     collected = []
@@ -85,6 +114,7 @@ def collect(results: dict[str, Any], chosen: Sequence[TaskSettings]) -> list[Tas
             scores: dict[str, float | None] = {profile: None for profile in PROFILES}
         else:
             scores = {profile: _metric(metrics, profile) for profile in PROFILES}
+        groups = breakdown(settings.task, results.get("samples", {}).get(settings.task, []))
         collected.append(
             TaskResult(
                 settings.name,
@@ -95,6 +125,7 @@ def collect(results: dict[str, Any], chosen: Sequence[TaskSettings]) -> list[Tas
                 settings.card,
                 settings.card_split,
                 settings.server,
+                groups,
             )
         )
     return collected
@@ -166,6 +197,7 @@ def summary(collected: Sequence[TaskResult], settings: dict[str, Any]) -> dict[s
                 "card_split": result.card_split,
                 "difference": {profile: result.difference(profile) for profile in PROFILES},
                 "submission_server": result.submission,
+                "breakdown": result.breakdown,
             }
             for result in collected
         },

@@ -10,11 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from transformers.utils import logging
-
 from .config import load_config
-
-logger = logging.get_logger(__name__)
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DEFAULT_MODEL = "nvidia/NVLM-D-72B"
@@ -63,7 +59,7 @@ def build_model(request: EvalRequest, max_tiles: int, journal_dir: str) -> Any:
     from .lmms_model import NVLMD
 
     return NVLMD(
-        pretrained=request.model_path,
+        pretrained=request.model_path if request.model is None else None,
         backend=request.backend,
         batch_size=request.batch_size,
         max_num=max_tiles,
