@@ -9,10 +9,12 @@
     nvlm-d serve --model PATH --gpus N            serve it with vLLM (OpenAI-compatible), one machine or several
     nvlm-d finetune --model PATH --data D.jsonl --output DIR
                                                   fine-tune (LoRA, QLoRA, full) on one GPU or many
-    nvlm-d web [--model PATH | --openai-url URL]  a chat page in the browser (Gradio)
+    nvlm-d eval --model PATH --result-save-path DIR --zero-shot-eval-tasks T ...
+                                                  the model card's benchmarks (lmms-eval, NVLM's prompts)
     nvlm-d upgrade SNAPSHOT OUTPUT                a downloaded NVLM-D-72B snapshot -> a directory that needs no nvlm_d
+    nvlm-d web [--model PATH | --openai-url URL]  a chat page in the browser (Gradio)
 
-One module a command (demo, chat, tiles, batch, plan, serve, finetune, upgrade, web), with what they share in
+One module a command (demo, chat, tiles, batch, plan, serve, finetune, eval, upgrade, web), with what they share in
 common.py. Adding a command: a module whose `add_parser(commands)` adds a subparser whose defaults set `handler`,
 listed in `COMMANDS`. Handlers take the parsed arguments and return an exit code; they raise `CLIError` for bad input,
 which `main` prints as one line (`nvlm-d: error: ...`) without a traceback.
@@ -32,6 +34,7 @@ from collections.abc import Callable, Sequence
 
 from .. import __version__
 from . import batch, chat, demo, finetune, plan, serve, tiles, upgrade, web
+from . import eval as evaluation
 from .common import PROG, CLIError, Parser, one_line, say
 
 # The subcommands, in the order `--help` lists them. A new command is one module more.
@@ -43,6 +46,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     plan.add_parser,
     serve.add_parser,
     finetune.add_parser,
+    evaluation.add_parser,
     upgrade.add_parser,
     web.add_parser,
 ]
