@@ -129,7 +129,9 @@ def _wrap_with_lora(
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise ImportError("LoRA needs peft: pip install peft (or, in a clone of this repository, pip install -e ".[train]")") from None
+        raise ImportError(
+            "LoRA needs peft: pip install peft (or, in a clone of this repository, pip install -e '.[train]')"
+        ) from None
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
     config = LoraConfig(

@@ -20,7 +20,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             "Serve a chat page: upload images, see how each is tiled, ask, follow up. With no --model it serves "
             "the tiny demo model (random weights) so that it runs offline; --model serves a real checkpoint in this "
             "process; --openai-url puts the page in front of a running OpenAI-compatible server (nvlm-d serve). "
-            "Needs the web extra: pip install -e ".[web]"."
+            "Needs the web extra: pip install -e '.[web]'."
         ),
     )
     source = parser.add_mutually_exclusive_group()
@@ -84,7 +84,7 @@ def _run_web(args: argparse.Namespace) -> int:
     try:
         import gradio  # noqa: F401
     except ImportError:
-        raise CLIError("the web page needs Gradio: pip install -e ".[web]"") from None
+        raise CLIError("the web page needs Gradio: pip install -e '.[web]'") from None
     from ..web import Settings, build_app
     from ..web.backends import MAX_TILES_RANGE
 
