@@ -5,7 +5,8 @@ the first time it is used (`nvlm_d.NVLM_D_Model`, `from nvlm_d import load_image
 
 Importing the package also registers NVLM-D with transformers' Auto classes (AutoConfig, AutoModel,
 AutoModelForCausalLM, AutoModelForImageTextToText, AutoImageProcessor, AutoProcessor), as soon as transformers
-loads them (see `nvlm_d.auto_registration`). What
+loads them (see `nvlm_d.auto_registration`), and makes `AutoTokenizer` give the tokenizer of NVIDIA's released
+snapshot NVLM's chat template instead of the Qwen2.5 one its files hold (see `nvlm_d.tokenizer_template`). What
 `AutoModel.from_pretrained(path)` then builds for an NVLM-D model directory:
 
 * after `import nvlm_d`: the installed classes (`nvlm_d.NVLM_D_Model`), without `trust_remote_code`, and also

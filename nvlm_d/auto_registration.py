@@ -63,6 +63,16 @@ def _register_processor() -> None:
     AutoProcessor.register(NVLM_D_Config, NVLM_D_Processor, exist_ok=True)
 
 
+def _register_tokenizer_template() -> None:
+    from transformers import AutoTokenizer
+
+    from .tokenizer_template import wrap_auto_tokenizer
+
+    # Not a registration: the released snapshot's tokenizer_config.json names its class, so transformers never asks
+    # the Auto mapping; the wrapper gives NVLM-D's tokenizer NVLM's chat template (see `tokenizer_template`).
+    wrap_auto_tokenizer(AutoTokenizer)
+
+
 # The transformers module that defines an Auto class -> what to register once it is loaded. A new Auto class
 # (AutoProcessor, AutoImageProcessor, ...) is one entry more.
 REGISTRATIONS: dict[str, Callable[[], None]] = {
@@ -70,6 +80,7 @@ REGISTRATIONS: dict[str, Callable[[], None]] = {
     "transformers.models.auto.modeling_auto": _register_models,
     "transformers.models.auto.image_processing_auto": _register_image_processor,
     "transformers.models.auto.processing_auto": _register_processor,
+    "transformers.models.auto.tokenization_auto": _register_tokenizer_template,
 }
 
 

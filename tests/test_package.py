@@ -72,6 +72,8 @@ REGISTERED = """
     assert AutoModelForImageTextToText._model_mapping[nvlm_d.NVLM_D_Config] is nvlm_d.NVLM_D_Model
     assert PROCESSOR_MAPPING[nvlm_d.NVLM_D_Config] is nvlm_d.NVLM_D_Processor
     assert IMAGE_PROCESSOR_MAPPING[nvlm_d.NVLM_D_Config]["pil"] is nvlm_d.NVLM_D_ImageProcessor
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained._nvlm_d_template  # gives the released snapshot NVLM's chat template
     print("registered")
 """
 

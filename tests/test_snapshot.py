@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import inspect
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -35,7 +37,9 @@ from transformers import (
 
 import nvlm_d
 from nvlm_d import build_prompt, load_image
+from nvlm_d.conversation import expand_image_placeholders
 from nvlm_d.remote_code import remote_code_files
+from nvlm_d.tiny import TOKENIZER_DIR
 
 MAX_NEW_TOKENS = 6
 GREEDY = {"max_new_tokens": MAX_NEW_TOKENS, "do_sample": False}
@@ -173,6 +177,64 @@ def test_the_snapshots_text_prompt_has_nvlms_system_message_not_qwens(snapshot_p
         snapshot_processor.tokenizer.apply_chat_template(messages_of(case("text", images)), tokenize=False)
         == text[: -len("<|im_start|>assistant\n")]
     )
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_auto_tokenizers_chat_template_on_the_snapshot_gives_chats_prompt_ids(
+    name, snapshot_tokenizer, images, expected
+):
+    """The tokenizer renders each image as its `<image>` placeholder, which `chat` expands by the image's tiles."""
+    conversation = case(name, images)
+    text = snapshot_tokenizer.apply_chat_template(messages_of(conversation), add_generation_prompt=True, tokenize=False)
+    prompt = expand_image_placeholders(text, [len(tiles) for tiles in tiles_of(conversation)])
+    assert snapshot_tokenizer(prompt).input_ids == expected[name]["input_ids"]
+    if name == "text":
+        ids = snapshot_tokenizer.apply_chat_template(messages_of(conversation), add_generation_prompt=True)
+        assert ids["input_ids"] == expected[name]["input_ids"]
+
+
+def test_auto_tokenizer_gives_the_snapshot_nvlms_template_with_one_info_line_and_changes_no_file(snapshot, caplog):
+    before = digest(snapshot)
+    with caplog.at_level(logging.INFO, logger="nvlm_d.tokenizer_template"):
+        tokenizer = AutoTokenizer.from_pretrained(snapshot, trust_remote_code=True)
+    assert tokenizer.chat_template == nvlm_d.conversation.CHAT_TEMPLATE
+    assert [record.levelname for record in caplog.records if record.name == "nvlm_d.tokenizer_template"] == ["INFO"]
+    assert digest(snapshot) == before
+    assert "You are Qwen" in json.loads((snapshot / "tokenizer_config.json").read_text())["chat_template"]
+
+
+def qwen2_directory(directory: Path, reference_dir: Path, model_type: str) -> Path:
+    """Tokenizer files with the released tokenizer_config.json (Qwen2.5's template) and a config.json."""
+    directory.mkdir()
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        shutil.copyfile(TOKENIZER_DIR / name, directory / name)
+    shutil.copyfile(reference_dir / "nvlm_d_72b_tokenizer_config.json", directory / "tokenizer_config.json")
+    (directory / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return directory
+
+
+def test_a_qwen2_tokenizer_directory_keeps_its_own_chat_template(reference_dir, tmp_path):
+    directory = qwen2_directory(tmp_path / "qwen2", reference_dir, "qwen2")
+    released = json.loads((directory / "tokenizer_config.json").read_text())["chat_template"]
+    assert AutoTokenizer.from_pretrained(directory).chat_template == released
+
+
+def test_an_nvlm_d_tokenizer_with_a_template_of_its_own_keeps_it(snapshot_copy):
+    config = json.loads((snapshot_copy / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{- messages[0]['content'] -}}"
+    (snapshot_copy / "tokenizer_config.json").unlink()  # a hard link to the snapshot's file: replace it
+    (snapshot_copy / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(snapshot_copy, trust_remote_code=True)
+    assert tokenizer.chat_template == "{{- messages[0]['content'] -}}"
+
+
+def test_auto_tokenizer_from_pretrained_keeps_transformers_signature_docstring_and_classmethod():
+    method = AutoTokenizer.__dict__["from_pretrained"]
+    original = method.__func__.__wrapped__
+    assert isinstance(method, classmethod)
+    assert inspect.signature(method.__func__) == inspect.signature(original)
+    assert AutoTokenizer.from_pretrained.__doc__ == original.__doc__
+    assert "Instantiate one of the tokenizer classes" in AutoTokenizer.from_pretrained.__doc__
 
 
 def test_the_snapshots_processor_expands_image_placeholders_in_plain_text(snapshot_processor, images, expected):
