@@ -4,8 +4,8 @@ tiled as `load_image` tiles them, and bad records either stopped with their line
 from __future__ import annotations
 
 import json
-import re
 import logging
+import re
 
 import pytest
 import torch

@@ -22,8 +22,8 @@ import dataclasses
 import json
 import os
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +172,7 @@ def decode_images(paths: Iterable[Path]) -> dict[Path, tuple[int, int] | str]:
     unique = sorted(set(paths))
     workers = max(1, min(16, os.cpu_count() or 1, len(unique)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nvlm_d-image-check") as pool:
-        return dict(zip(unique, pool.map(decode_image, unique)))
+        return dict(zip(unique, pool.map(decode_image, unique), strict=True))
 
 
 def conversation_text(
