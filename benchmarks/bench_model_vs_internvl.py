@@ -154,13 +154,15 @@ def interleaved_ms(mine: dict, theirs: dict, repeats: int) -> dict[str, tuple[li
     return times
 
 
-def rows(times: dict, new_tokens: int) -> dict[str, tuple[list[float], list[float]]]:
+def rows(times: dict, new_tokens: int, metrics: list[str]) -> dict[str, tuple[list[float], list[float]]]:
     """Per metric, the per-repeat times of NVLM-D and InternVL (decode: ms per token, repeat by repeat)."""
-    decode = tuple(
-        [(full - one) / new_tokens for full, one in zip(times["full"][k], times["one token"][k], strict=True)]
-        for k in (0, 1)
-    )
-    return {name: decode if name == "decode" else times[name] for name in METRICS}
+    per_metric = {name: times[name] for name in metrics if name != "decode"}
+    if "decode" in metrics:
+        per_metric["decode"] = tuple(
+            [(full - one) / new_tokens for full, one in zip(times["full"][k], times["one token"][k], strict=True)]
+            for k in (0, 1)
+        )
+    return {name: per_metric[name] for name in METRICS if name in metrics}
 
 
 def _rss_bytes() -> int:
@@ -227,11 +229,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_scale_arguments(parser)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--metrics", default=",".join(METRICS), help=f"a comma-separated subset of {METRICS}")
     parser.add_argument("--no-peak-rss", action="store_true", help="skip the two peak-RSS child processes")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables instead of timing")
     parser.add_argument("--profile-workloads", default="vision,forward,generate")
     parser.add_argument("--peak-rss-child", choices=["ours", "internvl"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    metrics = args.metrics.split(",")
+    if not set(metrics) <= set(METRICS):
+        parser.error(f"--metrics takes names from {METRICS}, got {args.metrics!r}")
     if args.peak_rss_child:
         peak_rss_child(args)
         return
@@ -251,13 +257,14 @@ def main() -> None:
         return
     with torch.no_grad():
         same_tokens = torch.equal(mine["generate"](), theirs["generate"]())
-    per_repeat = rows(interleaved_ms(mine, theirs, args.repeats), args.new_tokens)
+    timed = [name for name in mine if name in metrics or (name in ("one token", "full") and "decode" in metrics)]
+    times = interleaved_ms({name: mine[name] for name in timed}, {name: theirs[name] for name in timed}, args.repeats)
+    per_repeat = rows(times, args.new_tokens, metrics)
 
     print(f"median of {args.repeats} repeats, calls interleaved; greedy tokens equal: {same_tokens}")
     print(f"{'':<20}{'NVLM-D':>10}{'InternVL':>10}   {'ratio: min':>10}{'median':>8}{'max':>8}")
     medians = []
-    for metric in METRICS:
-        mine_ms, their_ms = per_repeat[metric]
+    for metric, (mine_ms, their_ms) in per_repeat.items():
         ratios = [t / m for m, t in zip(mine_ms, their_ms, strict=True)]
         medians.append(statistics.median(ratios))
         unit = "ms/token" if metric == "decode" else "ms"
