@@ -9,12 +9,17 @@ records through the command's own crash-safe log (one fsync a record), from a fr
   one at a time   the loop `nvlm-d batch` ran before: decode and tile a request's images, `chat`, write the record
   B, prefetch N   the command's pipeline (`nvlm_d.cli.batch._answer_all`): `--batch-size B --prefetch N`
 
-For each: requests/s and images/s (median over --repeats, configurations interleaved), the ratio of images/s to
-the one-at-a-time loop's, where the model's thread spent its time (vision tower, prefill, decode: forward hooks
-on the vision tower and the decoder; loading: decoding and tiling, in worker threads when prefetching), the peak
-resident memory of the run, and whether every answer equals the one-at-a-time loop's.
+Every repeat runs each configuration once, in an order rotated from repeat to repeat (repeat r starts with the
+r-th configuration), so that on a machine whose load changes no configuration always runs first, last or next to
+the same neighbour. A configuration's ratio is its images/s over the one-at-a-time loop's in the same repeat;
+the table gives min / median / max of those per-repeat ratios, so their spread shows how far to trust them.
 
-    python benchmarks/bench_batch.py [--requests 24] [--new-tokens 32] [--repeats 1]
+For each: requests/s and images/s (medians over --repeats), the ratios, where the model's thread spent its time
+(vision tower, prefill, decode: forward hooks on the vision tower and the decoder; loading: decoding and tiling,
+in worker threads when prefetching), the peak resident memory of the run, and whether every answer equals the
+one-at-a-time loop's.
+
+    python benchmarks/bench_batch.py [--requests 24] [--new-tokens 32] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -145,12 +150,18 @@ def one_at_a_time(requests, log, model, tokenizer, args, clock) -> None:
         log.append({"id": request.id, "answer": answer, "seconds": round(time.perf_counter() - started, 3)})
 
 
+def rotated(configs: list, repeat: int) -> list:
+    """The configurations in the order repeat `repeat` runs them: rotated by one place per repeat."""
+    start = repeat % len(configs)
+    return configs[start:] + configs[:start]
+
+
 @dataclasses.dataclass
 class Result:
     seconds: list[float] = dataclasses.field(default_factory=list)
     parts: list[dict] = dataclasses.field(default_factory=list)
     peak_mib: list[float] = dataclasses.field(default_factory=list)
-    answers: dict = dataclasses.field(default_factory=dict)
+    answers: list[dict] = dataclasses.field(default_factory=list)  # one dict (id -> answer) per run
 
 
 def run(name, batch_size, prefetch, requests, model, tokenizer, new_tokens, clock, directory, result) -> None:
@@ -174,14 +185,15 @@ def run(name, batch_size, prefetch, requests, model, tokenizer, new_tokens, cloc
     result.seconds.append(time.perf_counter() - started)
     result.parts.append(dict(clock.seconds))
     result.peak_mib.append(peak_rss_mib())
-    result.answers = {record["id"]: record["answer"] for record in map(json.loads, output.read_text().splitlines())}
+    records = map(json.loads, output.read_text().splitlines())
+    result.answers.append({record["id"]: record["answer"] for record in records})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=24)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
     model = build_benchmark_model(seed=0)
@@ -197,8 +209,8 @@ def main() -> None:
         warm_up = Result()
         run("warm up", 2, 0, requests[:2], model, tokenizer, args.new_tokens, clock, directory, warm_up)
         results = {name: Result() for name, _, _ in configs}
-        for _ in range(args.repeats):
-            for name, batch_size, prefetch in configs:
+        for repeat in range(args.repeats):
+            for name, batch_size, prefetch in rotated(configs, repeat):
                 run(name, batch_size, prefetch, requests, model, tokenizer, args.new_tokens, clock, directory,
                     results[name])  # fmt: skip
 
@@ -209,23 +221,25 @@ def main() -> None:
         f"{args.requests} requests: "
         f"{images} JPEG photos of {min(c for c in counts if c)}-{max(counts)} tiles "
         f"({sum(counts)} tiles), {counts.count(0)} text-only; {args.new_tokens} greedy tokens an answer; "
-        f"median of {args.repeats}"
+        f"medians of {args.repeats} repeats, configurations in rotated order"
     )
     baseline = results["one at a time"]
-    base_rate = images / statistics.median(baseline.seconds)
     header = (
-        f"{'':<20}{'req/s':>7}{'img/s':>7}{'ratio':>7}  {'vision':>7}{'prefill':>8}{'decode':>7}{'loading':>8}"
-        f"{'total':>7}  {'peak RSS':>9}  answers"
+        f"{'':<20}{'req/s':>7}{'img/s':>7}  {'ratio: min':>10}{'median':>7}{'max':>6}  {'vision':>7}{'prefill':>8}"
+        f"{'decode':>7}{'loading':>8}{'total':>7}  {'peak RSS':>9}  answers"
     )
     print(header)
-    print(f"{'':<29}{'':>7}  {'seconds on the model thread (loading: all threads)':>46}")
+    print(f"{'':<58}{'seconds on the model thread (loading: all threads)':>52}")
     for name, _, _ in configs:
         result = results[name]
         seconds = statistics.median(result.seconds)
+        # images/s over the baseline's in the same repeat = baseline seconds / these seconds
+        ratios = [base / mine for base, mine in zip(baseline.seconds, result.seconds, strict=True)]
         parts = {key: statistics.median(part[key] for part in result.parts) for key in result.parts[0]}
-        equal = result.answers == baseline.answers
+        equal = all(answers == baseline.answers[0] for answers in result.answers + baseline.answers)
         print(
-            f"{name:<20}{args.requests / seconds:>7.2f}{images / seconds:>7.2f}{images / seconds / base_rate:>6.2f}x"
+            f"{name:<20}{args.requests / seconds:>7.2f}{images / seconds:>7.2f}  {min(ratios):>9.2f}x"
+            f"{statistics.median(ratios):>6.2f}x{max(ratios):>5.2f}x"
             f"  {parts['vision']:>7.1f}{parts['prefill']:>8.1f}{parts['decode']:>7.1f}{parts['loading']:>8.1f}"
             f"{seconds:>7.1f}  {statistics.median(result.peak_mib):>6.0f} MiB  {'equal' if equal else 'DIFFER'}"
         )

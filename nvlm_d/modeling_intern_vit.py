@@ -97,7 +97,7 @@ class InternVisionEmbeddings(nn.Module):
         patch_embeds = patch_embeds.flatten(2).transpose(1, 2)  # [tiles, grid * grid, width], row-major
         class_embeds = self.class_embedding.expand(patch_embeds.shape[0], 1, -1).to(target_dtype)
         embeddings = torch.cat([class_embeds, patch_embeds], dim=1)
-        return embeddings + self.position_embedding.to(target_dtype)
+        return embeddings.add_(self.position_embedding.to(target_dtype))  # into cat's fresh output: no allocation
 
 
 def _holds_its_values(tensor: torch.Tensor, shape: tuple[int, ...]) -> bool:
@@ -307,9 +307,12 @@ class InternVisionEncoderLayer(GradientCheckpointingLayer):
         self.drop_path2 = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-        hidden_states = hidden_states + self.drop_path1(self.attn(self.norm1(hidden_states), **kwargs)[0] * self.ls1)
-        hidden_states = hidden_states + self.drop_path2(self.mlp(self.norm2(hidden_states)) * self.ls2)
-        return hidden_states
+        # hidden + branch, added into the branch: the branch (layer-scale product, or drop-path's) is a fresh tensor
+        # of this layer whose values no backward needs, so this saves an allocation and gives the same bits
+        attn_branch = self.drop_path1(self.attn(self.norm1(hidden_states), **kwargs)[0] * self.ls1)
+        hidden_states = attn_branch.add_(hidden_states)
+        mlp_branch = self.drop_path2(self.mlp(self.norm2(hidden_states)) * self.ls2)
+        return mlp_branch.add_(hidden_states)
 
 
 class InternVisionEncoder(nn.Module):

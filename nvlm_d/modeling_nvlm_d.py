@@ -11,6 +11,7 @@ device: inputs go where the module that reads them executes, so any accelerate d
 from __future__ import annotations
 
 import copy
+import itertools
 import operator
 import sys
 from collections.abc import Sequence
@@ -67,7 +68,7 @@ def execution_device(module: nn.Module) -> torch.device:
         device = getattr(hook, "execution_device", None)
         if device is not None:
             return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-    for tensor in [*module.parameters(), *module.buffers()]:
+    for tensor in itertools.chain(module.parameters(), module.buffers()):  # lazily: often the first one answers
         if tensor.device.type != "meta":
             return tensor.device
     return torch.device("cpu")
@@ -402,13 +403,14 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         `ps_version` v2 keeps the row-major grid; v1 (the original InternVL order) leaves it transposed.
         """
         tiles, rows, cols, channels = x.shape
-        x = x.reshape(tiles, rows, int(cols * scale_factor), int(channels / scale_factor))  # merge column pairs
-        x = x.permute(0, 2, 1, 3)
-        x = x.reshape(tiles, int(cols * scale_factor), int(rows * scale_factor), int(channels / scale_factor**2))
+        k = round(1 / scale_factor)
+        # cell (i, j) of the output gathers input cells (k i + a, k j + b), ordered by a, then b, then channel: one
+        # copy of strided views (the reference's reshape/permute chain makes the same values with three copies)
+        blocks = x.reshape(tiles, rows // k, k, cols // k, k, channels)  # [tiles, i, a, j, b, c]
         if self.config.ps_version == "v1":
             logger.warning_once("ps_version 'v1' yields a transposed grid; NVLM-D and InternVL 1.5+ use 'v2'.")
-            return x.contiguous()
-        return x.permute(0, 2, 1, 3).contiguous()
+            return blocks.permute(0, 3, 1, 2, 4, 5).reshape(tiles, cols // k, rows // k, k * k * channels)
+        return blocks.permute(0, 1, 3, 2, 4, 5).reshape(tiles, rows // k, cols // k, k * k * channels)
 
     def _encode_tiles(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One chunk of tiles -> (the selected ViT hidden state, its pixel-shuffled patch tokens)."""
@@ -427,6 +429,8 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         pixel_values = pixel_values.to(device=execution_device(self.vision_model), dtype=first_param.dtype)
         chunk = self.vision_batch_size or pixel_values.shape[0]
         parts = [self._encode_tiles(part) for part in pixel_values.split(chunk)]
+        if len(parts) == 1:  # all tiles at once: no copy through torch.cat
+            return parts[0]
         return torch.cat([hidden for hidden, _ in parts]), torch.cat([features for _, features in parts])
 
     def get_visual_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
