@@ -37,7 +37,7 @@ from nvlm_d.cli import main
 from nvlm_d.cli.serve import Layout, ModelBytes
 from nvlm_d.configuration_nvlm_d import NVLM_D_Config
 from nvlm_d.modeling_nvlm_d import NVLM_D_Model
-from nvlm_d.web import OpenAIBackend, Settings, UserFacingError
+from nvlm_d.web import OpenAIBackend, Settings
 
 VLLM_PYTHON_ENV = "NVLM_D_VLLM_PYTHON"
 RELEASED = "nvidia/NVLM-D-72B"
@@ -534,13 +534,6 @@ def test_evaluations_openai_backend_on_the_server_answers_and_scores_as_its_hf_b
 
 
 @pytest.mark.vllm
-@pytest.mark.xfail(
-    strict=True,
-    raises=UserFacingError,
-    reason="known bug: the page sends mm_processor_kwargs in every request, which vLLM 0.32 answers with HTTP 400 "
-    "unless its server runs with --trust-request-mm-kwargs (nvlm-d serve does not pass it); with that flag this "
-    "test passes. Remove this mark with the fix.",
-)
 def test_web_page_in_front_of_the_server_answers_an_image_question_as_chat_does(served, package_side, sample_image):
     """`nvlm-d web --openai-url` mode (its OpenAIBackend, as the page drives it) against vLLM serving the model:
     greedy, the answer to a question about an image equals the package's `model.chat` on the same image."""

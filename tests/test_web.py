@@ -291,11 +291,18 @@ def test_openai_mode_sends_nvlm_system_message_and_images_as_content(images):
     encoded = base64.b64encode(images["red"].read_bytes()).decode()
     assert image_part == {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{encoded}"}}
     assert text_part == {"type": "text", "text": "What colour is it?"}
-    assert request["max_tokens"] == MAX_NEW_TOKENS and request["mm_processor_kwargs"] == {"max_dynamic_patch": 6}
+    assert request["max_tokens"] == MAX_NEW_TOKENS and "mm_processor_kwargs" not in request  # the server's 6 tiles
     assert [m["role"] for m in follow_up["messages"]] == ["system", "user", "assistant", "user"]
     assert follow_up["messages"][2]["content"] == "A red square."
     assert follow_up["messages"][1] == request["messages"][1]  # the image stays in the turn that added it
     assert conversation.stats.prompt_tokens == 300 and conversation.stats.new_tokens == 2
+
+
+def test_openai_mode_asks_for_a_tile_limit_only_when_it_differs_from_the_servers(images):
+    with FakeOpenAIServer() as server:
+        backend = OpenAIBackend(server.url, server_max_tiles=12)
+        list(backend.new_conversation().ask("What colour is it?", [str(images["red"])], SETTINGS_OBJECT))
+    assert server.requests[0]["mm_processor_kwargs"] == {"max_dynamic_patch": 6}
 
 
 def test_openai_mode_says_when_the_server_is_down(images):

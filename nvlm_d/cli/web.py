@@ -52,7 +52,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         metavar="S",
         help="drop a browser session's conversation after S idle seconds (default: 1800)",
     )
-    parser.add_argument("--max-tiles", type=positive_int, default=6, metavar="N", help="default max tiles (1-12)")
+    parser.add_argument(
+        "--max-tiles",
+        type=positive_int,
+        default=6,
+        metavar="N",
+        help="default max tiles (1-12); with --openai-url, the server's own limit (nvlm-d serve --max-num)",
+    )
     add_placement_options(parser, WEB_MAX_NEW_TOKENS)
     parser.set_defaults(handler=_run_web)
 
@@ -62,7 +68,10 @@ def _backend(args: argparse.Namespace):
 
     if args.openai_url:
         try:
-            return OpenAIBackend(args.openai_url, args.api_key, args.openai_model, timeout=args.timeout), ""
+            backend = OpenAIBackend(
+                args.openai_url, args.api_key, args.openai_model, timeout=args.timeout, server_max_tiles=args.max_tiles
+            )
+            return backend, ""
         except ValueError as exc:
             raise CLIError(f"--openai-url: {exc}") from None
     from .common import ModelSource, load_model, model_option, resolve_placement

@@ -352,9 +352,11 @@ class InProcessConversation(Conversation):
 class OpenAIBackend:
     """Answers through an OpenAI-compatible chat completions server: `base_url` as OpenAI clients take it
     (`http://host:8000/v1`). Every request carries NVLM's system message and the conversation's images as
-    `image_url` data URLs in the turns that added them; `max_tiles` goes as vLLM's
-    `mm_processor_kwargs.max_dynamic_patch`. The server tiles the images itself; the page's preview and image-token
-    count are the package's tiling, which vLLM's NVLM-D processor follows.
+    `image_url` data URLs in the turns that added them. The server tiles the images itself, with the limit it was
+    started with (`server_max_tiles`: `nvlm-d serve --max-num`, 6 by default); a page setting that differs goes as
+    vLLM's per-request `mm_processor_kwargs.max_dynamic_patch`, which vLLM accepts only from a server started with
+    `--trust-request-mm-kwargs` (it refuses every request that carries it otherwise). The page's preview and
+    image-token count are the package's tiling, which vLLM's NVLM-D processor follows.
 
     `timeout` bounds connecting and each wait for the next piece of the stream, so a server that is down or stuck
     gives a message instead of a hang.
@@ -371,9 +373,11 @@ class OpenAIBackend:
         template: str = "chatml",
         tile_size: int = 448,
         tokens_per_tile: int = 256,
+        server_max_tiles: int = 6,
     ) -> None:
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"the server URL must start with http:// or https://, got {base_url!r}")
+        self.server_max_tiles = server_max_tiles
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.model = model
@@ -424,8 +428,9 @@ class OpenAIBackend:
             "stream": True,
             "stream_options": {"include_usage": True},
             "max_tokens": settings.max_new_tokens,
-            "mm_processor_kwargs": {"max_dynamic_patch": settings.max_tiles},
         }
+        if settings.max_tiles != self.server_max_tiles:
+            body["mm_processor_kwargs"] = {"max_dynamic_patch": settings.max_tiles}
         if settings.do_sample:
             body.update(temperature=settings.temperature, top_p=settings.top_p)
             if settings.seed is not None:
@@ -467,6 +472,11 @@ def _raise_for_status(response: Any, base_url: str) -> None:
     except ValueError:
         detail = response.text
     text = " ".join(str(detail).split())[:400]
+    if "mm_processor_kwargs" in text:
+        text += (
+            " (the page asks for a tile limit other than the server's: set max tiles to the server's --max-num, or "
+            "start the server with --trust-request-mm-kwargs)"
+        )
     raise UserFacingError(f"The server at {base_url} answered HTTP {response.status_code}: {text}")
 
 
