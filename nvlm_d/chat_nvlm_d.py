@@ -27,7 +27,7 @@ from transformers import DynamicCache, GenerationConfig
 from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.utils import logging
 
-from .conversation import IM_END_TOKEN, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, build_prompt
+from .conversation import IM_END_TOKEN, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, build_prompt, get_conv_template
 from .model_inputs import check_pixel_values, check_visual_features, execution_device
 
 logger = logging.get_logger(__name__)
@@ -130,37 +130,54 @@ def _positive_counts(name: str, counts: Any, allow_zero: bool = False) -> list[i
     return values
 
 
+def _num_tiles(pixel_values: torch.Tensor | None, visual_features: torch.Tensor | None, config: Any) -> int:
+    """How many tiles the images of a `chat` call hold (checked against `config`): 0 without images."""
+    if pixel_values is not None and visual_features is not None:
+        raise ValueError("Pass pixel_values or visual_features, not both")
+    if visual_features is not None:
+        return check_visual_features(visual_features, config).shape[0]
+    if pixel_values is not None:
+        return check_pixel_values(pixel_values, config).shape[0]
+    return 0
+
+
+def _check_question(question: Any) -> None:
+    """A question is a string with some text: an empty one gets an error, as in `nvlm-d chat` and `nvlm-d batch`
+    (NVLM-D would answer the bare system prompt, or describe the image unasked)."""
+    if not isinstance(question, str):
+        raise TypeError(f"a question must be a string, got {type(question).__name__}")
+    if not question.strip():
+        raise ValueError(f"the question is empty ({question!r}): ask something, e.g. 'Describe the image.'")
+
+
+def _check_num_patches(num_patches_list: Any, num_tiles: int) -> list[int]:
+    """`num_patches_list` (tiles per image) as ints summing to `num_tiles`; None means one image of all the tiles."""
+    if num_patches_list is None:
+        return [num_tiles] if num_tiles else []
+    counts = _positive_counts("num_patches_list", num_patches_list)
+    if sum(counts) != num_tiles:
+        raise ValueError(f"num_patches_list sums to {sum(counts)} tiles but pixel_values holds {num_tiles} tiles")
+    return counts
+
+
 class NVLMChatMixin:
     """The card's chat API for NVLM-D's model class, which provides what it calls: `config`, `template`,
-    `system_message`, `num_image_token`, `img_context_token_id`, `get_input_embeddings`, `get_visual_features`,
-    `forward` and `generate` (new tokens only)."""
+    `num_image_token`, `img_context_token_id`, `get_input_embeddings`, `get_visual_features`, `forward` and
+    `generate` (new tokens only). `system_message` is the mixin's own: assign it to change `chat`'s system prompt."""
 
-    def _num_tiles(self, pixel_values: torch.Tensor | None, visual_features: torch.Tensor | None) -> int:
-        if pixel_values is not None and visual_features is not None:
-            raise ValueError("Pass pixel_values or visual_features, not both")
-        if visual_features is not None:
-            return check_visual_features(visual_features, self.config).shape[0]
-        if pixel_values is not None:
-            return check_pixel_values(pixel_values, self.config).shape[0]
-        return 0
+    # `chat`'s system prompt when none was assigned: the template's ("Answer the questions.").
+    _system_message: str | None = None
 
-    @staticmethod
-    def _check_question(question: Any) -> None:
-        """A question is a string with some text: an empty one gets an error, as in `nvlm-d chat` and `nvlm-d batch`
-        (NVLM-D would answer the bare system prompt, or describe the image unasked)."""
-        if not isinstance(question, str):
-            raise TypeError(f"a question must be a string, got {type(question).__name__}")
-        if not question.strip():
-            raise ValueError(f"the question is empty ({question!r}): ask something, e.g. 'Describe the image.'")
+    @property
+    def system_message(self) -> str:
+        """`chat`'s system prompt: the template's ("Answer the questions.") until one is assigned, as in InternVL."""
+        if self._system_message is not None:
+            return self._system_message
+        return get_conv_template(self.config.template).system_message
 
-    @staticmethod
-    def _check_num_patches(num_patches_list: Any, num_tiles: int) -> list[int]:
-        if num_patches_list is None:
-            return [num_tiles] if num_tiles else []
-        counts = _positive_counts("num_patches_list", num_patches_list)
-        if sum(counts) != num_tiles:
-            raise ValueError(f"num_patches_list sums to {sum(counts)} tiles but pixel_values holds {num_tiles} tiles")
-        return counts
+    @system_message.setter
+    def system_message(self, value: str) -> None:
+        self._system_message = value
 
     def chat_prompt(
         self,
@@ -323,8 +340,8 @@ class NVLMChatMixin:
             The response (stripped), or a list of `num_return_sequences` responses when that setting is above 1;
             with `return_history`, also the new history.
         """
-        self._check_question(question)
-        num_patches_list = self._check_num_patches(num_patches_list, self._num_tiles(pixel_values, visual_features))
+        _check_question(question)
+        num_patches_list = _check_num_patches(num_patches_list, _num_tiles(pixel_values, visual_features, self.config))
         self._chat_image_token(tokenizer, IMG_CONTEXT_TOKEN)
         added_placeholder = bool(num_patches_list) and history is None and IMAGE_PLACEHOLDER not in question
         if added_placeholder:
@@ -422,12 +439,12 @@ class NVLMChatMixin:
         """
         if isinstance(questions, str) or not isinstance(questions, Sequence) or not questions:
             raise TypeError("questions must be a non-empty list of strings")
-        num_tiles = self._num_tiles(pixel_values, visual_features)
+        num_tiles = _num_tiles(pixel_values, visual_features, self.config)
         per_question = _images_per_question(num_patches_list, len(questions), num_tiles)
         self._chat_image_token(tokenizer, IMG_CONTEXT_TOKEN)
         prompts = []
         for question, tiles in zip(questions, per_question, strict=True):
-            self._check_question(question)
+            _check_question(question)
             prompts.append(self.chat_prompt(question, tiles, context_token=IMG_CONTEXT_TOKEN))
         if verbose:
             for prompt in prompts:
@@ -582,9 +599,9 @@ class ChatSession:
     ) -> str:
         """Answer `question`, with the images added in this turn (`pixel_values` [tiles, 3, 448, 448], several
         images stacked with `num_patches_list`); returns the answer and appends the turn to `history`."""
-        self.model._check_question(question)
+        _check_question(question)
         streamer = streamer if streamer is not None else self._streamer  # this turn's, else the settings'
-        new_counts = self.model._check_num_patches(num_patches_list, self.model._num_tiles(pixel_values, None))
+        new_counts = _check_num_patches(num_patches_list, _num_tiles(pixel_values, None, self.model.config))
         if new_counts and not self.history and IMAGE_PLACEHOLDER not in question:
             question = IMAGE_PLACEHOLDER + "\n" + question  # as chat does on a first turn
         prompt = self.model.chat_prompt(question, [*self._num_patches, *new_counts], self.history or None)

@@ -6,6 +6,10 @@ embeds the prompt and scatters one image token into every `<|vision_pad|>` posit
 own loop (`prepare_inputs_for_generation` passes the images at prefill only), so every decoding feature works:
 sampling, beams, assisted decoding, stop strings, streamers, static caches, `torch.compile`. Nothing here assumes a
 device: inputs go where the module that reads them executes, so any accelerate device map (GPUs, CPU, disk) works.
+
+The model card's chat API (`chat`, `batch_chat`, `start_chat`, ...) comes from `chat_nvlm_d.NVLMChatMixin` and
+InternVL's LoRA helpers (`wrap_llm_lora`, `wrap_backbone_lora`) from `lora_nvlm_d.NVLMLoraMixin`: base classes of
+`NVLM_D_Model`, in modules that import nothing from this one.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .chat_nvlm_d import NVLMChatMixin
 from .configuration_nvlm_d import NVLM_D_Config
-from .conversation import get_conv_template
 from .lora_nvlm_d import NVLMLoraMixin
 from .model_inputs import check_pixel_values, check_visual_features, execution_device
 from .modeling_intern_vit import InternVisionModel
@@ -121,8 +124,6 @@ class NVLM_D_Model(NVLMChatMixin, NVLMLoraMixin, PreTrainedModel, GenerationMixi
         _apply_use_flash_attn(config, use_flash_attn)
         super().__init__(config)
         self.vision_batch_size = vision_batch_size
-        # `chat`'s system prompt (the template's, "Answer the questions."); assign to change it, as in InternVL.
-        self.system_message = get_conv_template(config.template).system_message
 
         # Modules in the order data flows through them: accelerate fills devices in this order, so the vision tower
         # and the projector land beside the decoder's embeddings.
