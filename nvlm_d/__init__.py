@@ -38,7 +38,7 @@ _EXPORTS = {
     "load_images": "image_processing_nvlm_d",
     "NVLM_D_ImageProcessor": "image_processing_nvlm_d",
     "NVLM_D_Processor": "processing_nvlm_d",
-    "ChatSession": "chat_session",
+    "ChatSession": "chat_nvlm_d",
     "InternVisionModel": "modeling_intern_vit",
     "NVLM_D_Model": "modeling_nvlm_d",
     "bitsandbytes_config": "quantization",

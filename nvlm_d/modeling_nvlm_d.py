@@ -6,44 +6,31 @@ embeds the prompt and scatters one image token into every `<|vision_pad|>` posit
 own loop (`prepare_inputs_for_generation` passes the images at prefill only), so every decoding feature works:
 sampling, beams, assisted decoding, stop strings, streamers, static caches, `torch.compile`. Nothing here assumes a
 device: inputs go where the module that reads them executes, so any accelerate device map (GPUs, CPU, disk) works.
+
+The model card's chat API (`chat`, `batch_chat`, `start_chat`, ...) comes from `chat_nvlm_d.NVLMChatMixin` and
+InternVL's LoRA helpers (`wrap_llm_lora`, `wrap_backbone_lora`) from `lora_nvlm_d.NVLMLoraMixin`: base classes of
+`NVLM_D_Model`, in modules that import nothing from this one.
 """
 
 from __future__ import annotations
 
-import copy
-import itertools
-import operator
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache, GenerationConfig, GenerationMixin, PreTrainedModel, Qwen2ForCausalLM
-from transformers.generation import LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel, Qwen2ForCausalLM
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import is_flash_attn_2_available, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .chat_session import ChatSession
+from .chat_nvlm_d import NVLMChatMixin
 from .configuration_nvlm_d import NVLM_D_Config
-from .conversation import IM_END_TOKEN, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, build_prompt, get_conv_template
+from .lora_nvlm_d import NVLMLoraMixin
+from .model_inputs import check_pixel_values, check_visual_features, execution_device
 from .modeling_intern_vit import InternVisionModel
 
 logger = logging.get_logger(__name__)
-
-# The layers InternVL's LoRA helpers adapt (peft `target_modules`, matched as name suffixes): every linear layer of
-# the decoder's blocks, and of the ViT's blocks.
-LLM_LORA_TARGETS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
-VISION_LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
 # Generation inputs with one row per image tile (not per prompt): expanded for beams a prompt's tiles at a time.
 _PER_TILE_INPUTS = ("pixel_values", "visual_features", "image_flags")
@@ -58,31 +45,6 @@ def _apply_use_flash_attn(config: NVLM_D_Config, use_flash_attn: bool | None) ->
     else:
         logger.warning_once("use_flash_attn=True but flash-attn is not installed: using PyTorch SDPA attention.")
         config._attn_implementation = "sdpa"
-
-
-def execution_device(module: nn.Module) -> torch.device:
-    """Where `module` computes: accelerate's execution device when a device map placed or offloaded it (its weights
-    may then be on `meta`), else the device of its first real parameter."""
-    for submodule in module.modules():
-        hook = getattr(submodule, "_hf_hook", None)
-        device = getattr(hook, "execution_device", None)
-        if device is not None:
-            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-    for tensor in itertools.chain(module.parameters(), module.buffers()):  # lazily: often the first one answers
-        if tensor.device.type != "meta":
-            return tensor.device
-    return torch.device("cpu")
-
-
-class _GeneratedTokensOnly(LogitsProcessor):
-    """Runs `processor` on the generated tokens alone, not on the prompt that precedes them in `input_ids`."""
-
-    def __init__(self, processor: LogitsProcessor, prompt_length: int) -> None:
-        self.processor = processor
-        self.prompt_length = prompt_length
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return self.processor(input_ids[:, self.prompt_length :], scores)
 
 
 class _DraftModel:
@@ -102,71 +64,6 @@ class _DraftModel:
         for name in _PER_TILE_INPUTS:
             kwargs.pop(name, None)
         return self.model.generate(**kwargs)
-
-
-def _on_generated_tokens_only(config: GenerationConfig, prompt_length: int) -> LogitsProcessorList:
-    """Moves `repetition_penalty` and `no_repeat_ngram_size` out of `config` (in place) into processors that see the
-    generated tokens only, as in the reference, whose generation started from the prompt's embeddings."""
-    from transformers.generation import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
-
-    processors = LogitsProcessorList()
-    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
-        processors.append(
-            RepetitionPenaltyLogitsProcessor(config.repetition_penalty, prompt_ignore_length=prompt_length)
-        )
-    if config.no_repeat_ngram_size:
-        processors.append(
-            _GeneratedTokensOnly(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size), prompt_length)
-        )
-    config.repetition_penalty = None
-    config.no_repeat_ngram_size = None
-    return processors
-
-
-def _wrap_with_lora(
-    module: nn.Module, r: int, lora_alpha: int, lora_dropout: float, targets: Sequence[str], task_type: str | None
-) -> nn.Module:
-    """`module` inside a peft `PeftModel` with LoRA adapters of rank `r` on `targets` (peft is needed only here)."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ImportError(
-            "LoRA needs peft: pip install peft (or, in a clone of this repository, pip install -e '.[train]')"
-        ) from None
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
-    config = LoraConfig(
-        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=list(targets), task_type=task_type
-    )
-    # peft's new dropout layers start in training mode; keep the mode the module was in (eval after loading)
-    return get_peft_model(module, config).train(module.training)
-
-
-def _record_lora_settings(
-    config: NVLM_D_Config, tower: str, r: int, lora_alpha: float, lora_dropout: float, targets: Sequence[str]
-) -> None:
-    """Write a wrapped tower's LoRA settings into `config` (`use_{tower}_lora` and its companions)."""
-    setattr(config, f"use_{tower}_lora", r)
-    setattr(config, f"{tower}_lora_alpha", lora_alpha)
-    setattr(config, f"{tower}_lora_dropout", lora_dropout)
-    setattr(config, f"{tower}_lora_target_modules", list(targets))
-
-
-def _saved_lora_settings(config: NVLM_D_Config, tower: str) -> dict[str, Any]:
-    """The `wrap_{tower}_lora` arguments that rebuild the adapters `config` records; where a checkpoint predates
-    the companions of `use_{tower}_lora` (InternVL's own), InternVL's convention: alpha 2r, dropout 0.05."""
-    r = getattr(config, f"use_{tower}_lora")
-    alpha = getattr(config, f"{tower}_lora_alpha", None)
-    dropout = getattr(config, f"{tower}_lora_dropout", None)
-    targets = getattr(config, f"{tower}_lora_target_modules", None)
-    settings: dict[str, Any] = {
-        "r": r,
-        "lora_alpha": 2 * r if alpha is None else alpha,
-        "lora_dropout": 0.05 if dropout is None else dropout,
-    }
-    if targets is not None:
-        settings["target_modules"] = targets
-    return settings
 
 
 def _restarts_positions(position_ids: torch.Tensor | None) -> bool:
@@ -189,28 +86,6 @@ def _weighted_loss(logits: torch.Tensor, labels: torch.Tensor, loss_weight: Any)
     return (losses * shift_weights).sum() / shift_weights.sum()
 
 
-def _chat_generation_config(settings: dict | GenerationConfig | None, tokenizer: Any) -> tuple[GenerationConfig, dict]:
-    """`chat`'s `generation_config` (never modified) as a fresh GenerationConfig and the other `generate` keywords a
-    dict may hold (`assistant_model`, `logits_processor`, ...). Where the caller names none, generation stops at
-    `<|im_end|>` and pads with the tokenizer's pad token."""
-    extra: dict = {}
-    if settings is None:
-        config = GenerationConfig()
-    elif isinstance(settings, GenerationConfig):
-        config = copy.deepcopy(settings)
-    elif isinstance(settings, dict):
-        config = GenerationConfig()
-        extra = config.update(**settings)
-    else:
-        raise TypeError(f"generation_config must be a dict or a GenerationConfig, got {type(settings).__name__}")
-    _refuse_sampling_without_do_sample(config)
-    if config.eos_token_id is None:
-        config.eos_token_id = tokenizer.convert_tokens_to_ids(IM_END_TOKEN)
-    if config.pad_token_id is None:
-        config.pad_token_id = tokenizer.pad_token_id
-    return config, extra
-
-
 def _called_by_text_generation_pipeline() -> bool:
     """Whether the caller of `NVLM_D_Model.generate` (two frames up from here) is transformers' text-generation
     pipeline. Looked up in `sys.modules` only: a process that never loaded the pipeline does not import it."""
@@ -221,52 +96,7 @@ def _called_by_text_generation_pipeline() -> bool:
     return isinstance(caller, pipelines.TextGenerationPipeline)
 
 
-def _settings_streamer(extra: dict, streamer: Any) -> Any:
-    """The streamer to generate with: `streamer`, or the one the generation settings dict held (popped from `extra`,
-    which goes to `generate` as keywords beside `streamer=`, where two values for one keyword would collide)."""
-    in_settings = extra.pop("streamer", None)
-    if streamer is not None and in_settings is not None and streamer is not in_settings:
-        raise ValueError("Two streamers were given, one as streamer= and one in the generation settings: pass one")
-    return streamer if streamer is not None else in_settings
-
-
-# Settings that act only when sampling (do_sample=True); `generate` ignores them otherwise.
-SAMPLING_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
-
-
-def _refuse_sampling_without_do_sample(config: GenerationConfig) -> None:
-    """Sampling settings with `do_sample` left unset are an error, not a greedy answer with a log line: the caller
-    most likely meant to sample. An explicit `do_sample=False` keeps them ignored, as `generate` does (evaluation
-    harnesses pass `temperature=0` that way)."""
-    if config.do_sample is not None:
-        return
-    given = [name for name in SAMPLING_SETTINGS if getattr(config, name, None) is not None]
-    if given:
-        raise ValueError(
-            f"{', '.join(given)} only act when sampling, and do_sample is not set (generation would be greedy): "
-            "add do_sample=True to sample, or do_sample=False to answer greedily"
-        )
-
-
-def _positive_counts(name: str, counts: Any, allow_zero: bool = False) -> list[int]:
-    """`counts` as a list of Python ints (numpy and torch integers accepted), each >= 1 (or >= 0)."""
-    if isinstance(counts, (str, bytes)) or not isinstance(counts, Sequence):
-        raise TypeError(f"{name} must be a list of tile counts, got {counts!r}")
-    values = []
-    for count in counts:
-        if isinstance(count, bool):
-            raise TypeError(f"{name} must hold tile counts (ints), got {counts!r}")
-        try:
-            value = operator.index(count)
-        except TypeError:
-            raise TypeError(f"{name} must hold tile counts (ints), got {counts!r}") from None
-        if value < (0 if allow_zero else 1):
-            raise ValueError(f"{name} must hold tile counts >= {0 if allow_zero else 1}, got {counts!r}")
-        values.append(value)
-    return values
-
-
-class NVLM_D_Model(PreTrainedModel, GenerationMixin):
+class NVLM_D_Model(NVLMChatMixin, NVLMLoraMixin, PreTrainedModel, GenerationMixin):
     config_class = NVLM_D_Config
     config: NVLM_D_Config
     main_input_name = "input_ids"
@@ -294,8 +124,6 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         _apply_use_flash_attn(config, use_flash_attn)
         super().__init__(config)
         self.vision_batch_size = vision_batch_size
-        # `chat`'s system prompt (the template's, "Answer the questions."); assign to change it, as in InternVL.
-        self.system_message = get_conv_template(config.template).system_message
 
         # Modules in the order data flows through them: accelerate fills devices in this order, so the vision tower
         # and the projector land beside the decoder's embeddings.
@@ -310,12 +138,7 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         )
         self.language_model = language_model if language_model is not None else Qwen2ForCausalLM(config.llm_config)
         self.post_init()
-        # An unmerged InternVL-style LoRA checkpoint: build the adapters its weights belong to, with the settings they
-        # were saved with, so that `from_pretrained` loads them instead of leaving them randomly initialised.
-        if config.use_backbone_lora:
-            self.wrap_backbone_lora(**_saved_lora_settings(config, "backbone"))
-        if config.use_llm_lora:
-            self.wrap_llm_lora(**_saved_lora_settings(config, "llm"))
+        self._wrap_saved_lora()
         if self.generation_config.pad_token_id is None:
             # Qwen2's tokenizer pads with <|endoftext|>, the id the decoder config calls bos_token_id; knowing it,
             # `generate` infers the attention mask of left-padded input_ids passed without one.
@@ -352,40 +175,6 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         """Where inputs go: the device the token embeddings execute on. (transformers reports the first parameter's
         device, which is `meta` when the vision tower is offloaded, and `inputs.to(model.device)` would fail.)"""
         return execution_device(self.get_input_embeddings())
-
-    # ----------------------------------------------------------------------------------------------------------
-    # InternVL's LoRA helpers
-    # ----------------------------------------------------------------------------------------------------------
-    def wrap_backbone_lora(
-        self,
-        r: int = 128,
-        lora_alpha: float = 256,
-        lora_dropout: float = 0.05,
-        target_modules: Sequence[str] = VISION_LORA_TARGETS,
-    ) -> None:
-        """InternVL's helper: LoRA adapters (peft) on the ViT's `attn.qkv`, `attn.proj`, `mlp.fc1` and `mlp.fc2`;
-        everything else in the tower is frozen. Records the adapters' settings in the config (`use_backbone_lora = r`,
-        `backbone_lora_alpha`, `..._dropout`, `..._target_modules`), so that a checkpoint saved without merging
-        (`save_pretrained`) reloads with the same adapters. Merge with `nvlm_d.training.merge_lora` for a plain
-        checkpoint."""
-        self.vision_model = _wrap_with_lora(self.vision_model, r, lora_alpha, lora_dropout, target_modules, None)
-        _record_lora_settings(self.config, "backbone", r, lora_alpha, lora_dropout, target_modules)
-
-    def wrap_llm_lora(
-        self,
-        r: int = 128,
-        lora_alpha: float = 256,
-        lora_dropout: float = 0.05,
-        target_modules: Sequence[str] = LLM_LORA_TARGETS,
-    ) -> None:
-        """InternVL's helper: LoRA adapters (peft, `CAUSAL_LM`) on every linear layer of the decoder's blocks
-        (`q/k/v/o_proj`, `gate/up/down_proj`); the rest of the decoder is frozen. Records the adapters' settings in
-        the config (`use_llm_lora = r`, `llm_lora_alpha`, ...; see `wrap_backbone_lora`)."""
-        self.language_model = _wrap_with_lora(
-            self.language_model, r, lora_alpha, lora_dropout, target_modules, "CAUSAL_LM"
-        )
-        self.language_model.enable_input_require_grads()
-        _record_lora_settings(self.config, "llm", r, lora_alpha, lora_dropout, target_modules)
 
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()
@@ -424,7 +213,7 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
 
     def _encode(self, pixel_values: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Checked pixel values -> (ViT hidden state, visual features), `vision_batch_size` tiles at a time."""
-        pixel_values = self._check_pixel_values(pixel_values)
+        pixel_values = check_pixel_values(pixel_values, self.config)
         first_param = self.vision_model.embeddings.patch_embedding.weight
         pixel_values = pixel_values.to(device=execution_device(self.vision_model), dtype=first_param.dtype)
         chunk = self.vision_batch_size or pixel_values.shape[0]
@@ -443,7 +232,7 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
 
     def project_visual_features(self, visual_features: Any) -> torch.Tensor:
         """`mlp1` on visual features [tiles, 256, 12800] -> decoder-ready image features [tiles, 256, hidden]."""
-        visual_features = self._check_visual_features(visual_features)
+        visual_features = check_visual_features(visual_features, self.config)
         # The LayerNorm's dtype (its weight comes first): a quantized projector stores its Linear weights as int8/uint8.
         # Not `self.mlp1[0]`: peft may wrap the projector (`modules_to_save`) in a module that cannot be indexed.
         norm_dtype = next(self.mlp1.parameters()).dtype
@@ -466,35 +255,6 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         result is the same.
         """
         return self.project_visual_features(self.get_visual_features(pixel_values))
-
-    def _check_pixel_values(self, pixel_values: Any) -> torch.Tensor:
-        vision = self.config.vision_config
-        expected = f"[num_tiles, {vision.num_channels}, {vision.image_size}, {vision.image_size}]"
-        if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(
-                f"pixel_values must be a torch.Tensor of shape {expected}, got {type(pixel_values).__name__}"
-            )
-        if not pixel_values.is_floating_point():
-            raise TypeError(f"pixel_values must be a floating-point tensor, got dtype {pixel_values.dtype}")
-        shape = tuple(pixel_values.shape)
-        if len(shape) != 4 or shape[0] == 0 or shape[1:] != (vision.num_channels, vision.image_size, vision.image_size):
-            raise ValueError(f"pixel_values must have shape {expected}, got {list(shape)}")
-        return pixel_values
-
-    def _check_visual_features(self, visual_features: Any) -> torch.Tensor:
-        width = self.config.vision_config.hidden_size * round(1 / self.config.downsample_ratio) ** 2
-        expected = f"[num_tiles, {self.num_image_token}, {width}]"
-        if not isinstance(visual_features, torch.Tensor):
-            raise TypeError(
-                f"visual_features must be a torch.Tensor of shape {expected}, got {type(visual_features).__name__}"
-            )
-        shape = tuple(visual_features.shape)
-        if len(shape) != 3 or shape[0] == 0 or shape[1:] != (self.num_image_token, width):
-            raise ValueError(
-                f"visual_features must have shape {expected} (pixel-shuffled ViT outputs, see get_visual_features), "
-                f"got {list(shape)}"
-            )
-        return visual_features
 
     def _image_features(
         self,
@@ -773,378 +533,6 @@ class NVLM_D_Model(PreTrainedModel, GenerationMixin):
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must have shape [batch, prompt_length > 0], got {list(input_ids.shape)}")
         return input_ids
-
-    # ----------------------------------------------------------------------------------------------------------
-    # Chat (the reference API)
-    # ----------------------------------------------------------------------------------------------------------
-    def _num_tiles(self, pixel_values: torch.Tensor | None, visual_features: torch.Tensor | None) -> int:
-        if pixel_values is not None and visual_features is not None:
-            raise ValueError("Pass pixel_values or visual_features, not both")
-        if visual_features is not None:
-            return self._check_visual_features(visual_features).shape[0]
-        if pixel_values is not None:
-            return self._check_pixel_values(pixel_values).shape[0]
-        return 0
-
-    @staticmethod
-    def _check_question(question: Any) -> None:
-        """A question is a string with some text: an empty one gets an error, as in `nvlm-d chat` and `nvlm-d batch`
-        (NVLM-D would answer the bare system prompt, or describe the image unasked)."""
-        if not isinstance(question, str):
-            raise TypeError(f"a question must be a string, got {type(question).__name__}")
-        if not question.strip():
-            raise ValueError(f"the question is empty ({question!r}): ask something, e.g. 'Describe the image.'")
-
-    @staticmethod
-    def _check_num_patches(num_patches_list: Any, num_tiles: int) -> list[int]:
-        if num_patches_list is None:
-            return [num_tiles] if num_tiles else []
-        counts = _positive_counts("num_patches_list", num_patches_list)
-        if sum(counts) != num_tiles:
-            raise ValueError(f"num_patches_list sums to {sum(counts)} tiles but pixel_values holds {num_tiles} tiles")
-        return counts
-
-    def chat_prompt(
-        self,
-        question: str,
-        num_patches_list: Sequence[int] = (),
-        history: Sequence[tuple[str, str]] | None = None,
-        mode: str = "chat",
-        context_token: str = IMG_CONTEXT_TOKEN,
-    ) -> str:
-        """The exact prompt text `chat` sends for this question: `conversation.build_prompt` with this model's
-        template, system message (`self.system_message`) and image tokens per tile."""
-        return build_prompt(
-            question,
-            num_patches_list,
-            history,
-            template=self.template,
-            system_message=self.system_message,
-            num_image_token=self.num_image_token,
-            context_token=context_token,
-            mode=mode,
-        )
-
-    def _chat_image_token(self, tokenizer: Any, image_context_token: str) -> None:
-        token_id = tokenizer.convert_tokens_to_ids(image_context_token)
-        if token_id != self.img_context_token_id:
-            raise ValueError(
-                f"IMG_CONTEXT_TOKEN={image_context_token!r} is token id {token_id}, but NVLM-D's image features "
-                f"replace id {self.img_context_token_id} (<|vision_pad|>, config.image_token_id)"
-            )
-
-    def _generate_text(
-        self,
-        tokenizer: Any,
-        prompts: list[str],
-        generation_config: dict | GenerationConfig | None,
-        pixel_values: torch.Tensor | None,
-        visual_features: torch.Tensor | None,
-        streamer: Any = None,
-    ) -> list[list[str]]:
-        """Tokenize prompts (left-padded when several), generate until `<|im_end|>`, decode and strip; returns the
-        answers of each prompt (one, or `num_return_sequences`)."""
-        rows = [tokenizer(p, return_tensors="pt").input_ids[0] for p in prompts]
-        input_ids, attention_mask = _left_pad(rows, tokenizer.pad_token_id)
-        config, extra = _chat_generation_config(generation_config, tokenizer)
-        streamer = _settings_streamer(extra, streamer)
-        if _prefill_rows_apart(rows, config, extra):
-            extra["cache"] = self._prefill_each_row(rows, pixel_values, visual_features)
-            pixel_values = visual_features = None
-        history_processors = _on_generated_tokens_only(config, input_ids.shape[1])
-        extra["logits_processor"] = LogitsProcessorList([*extra.get("logits_processor", []), *history_processors])
-        extra.setdefault("tokenizer", tokenizer)
-        output_ids = self.generate(
-            pixel_values=pixel_values,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            visual_features=visual_features,
-            generation_config=config,
-            streamer=streamer,
-            **extra,
-        )
-        sequences = output_ids if isinstance(output_ids, torch.Tensor) else output_ids.sequences
-        texts = [
-            text.split(IM_END_TOKEN)[0].strip() for text in tokenizer.batch_decode(sequences, skip_special_tokens=True)
-        ]
-        per_prompt = len(texts) // len(prompts)
-        return [texts[k * per_prompt : (k + 1) * per_prompt] for k in range(len(prompts))]
-
-    @torch.no_grad()
-    def _prefill_each_row(
-        self, rows: list[torch.Tensor], pixel_values: torch.Tensor | None, visual_features: torch.Tensor | None
-    ) -> DynamicCache:
-        """The KV cache of every prompt but its last token, each prompt run alone, stacked left-padded into the cache
-        of one batch; `generate` then runs the last tokens together and decodes the batch.
-
-        A left-padded prefill attends through an explicit mask, over every row padded to the longest: in a batch of
-        1- to 13-tile prompts it cost 3x the rows' prefills run one by one (SDPA on CPU; see
-        docs/benchmarks.md). Run apart, each row's prefill is the causal one `chat` runs; so is its vision tower
-        pass (all the batch's tiles at once, 80 of them, ran 1.2-1.5x slower per tile on CPU)."""
-        tiles = [int((row == self.img_context_token_id).sum()) // self.num_image_token for row in rows]
-        images = pixel_values if pixel_values is not None else visual_features
-        per_row = images.split(tiles) if images is not None else [None] * len(rows)
-        device = execution_device(self.get_input_embeddings())
-        caches = []
-        for row, row_images in zip(rows, per_row, strict=True):
-            cache = DynamicCache()
-            has_images = row_images is not None and len(row_images) > 0
-            self(
-                input_ids=row[None, :-1].to(device),
-                pixel_values=row_images if has_images and pixel_values is not None else None,
-                visual_features=row_images if has_images and pixel_values is None else None,
-                cache=cache,
-                logits_to_keep=1,
-            )
-            caches.append(cache)
-        return _stack_left_padded(caches, max(len(row) for row in rows) - 1)
-
-    def _explain_placeholder_mismatch(
-        self, error: ValueError, question: str, added_placeholder: bool, history: Any, num_images: int
-    ) -> ValueError:
-        """`build_prompt`'s placeholder error, reworded for what the caller of `chat` did."""
-        in_history = sum(turn[0].count(IMAGE_PLACEHOLDER) for turn in history or [])
-        if added_placeholder:
-            return ValueError(
-                f"chat put one {IMAGE_PLACEHOLDER} in front of the question (it had none) but {num_images} images "
-                f"were given: put one {IMAGE_PLACEHOLDER} per image in the question, e.g. "
-                f"'Image-1: {IMAGE_PLACEHOLDER}\\nImage-2: {IMAGE_PLACEHOLDER}\\n{question}'"
-            )
-        if in_history and num_images == 0:
-            return ValueError(
-                f"the history holds {in_history} {IMAGE_PLACEHOLDER} placeholder(s) from earlier turns: pass the same "
-                "pixel_values (and num_patches_list) as in those turns again, since every turn re-reads its images"
-            )
-        return error
-
-    def chat(
-        self,
-        tokenizer: Any,
-        pixel_values: torch.Tensor | None,
-        question: str,
-        generation_config: dict | GenerationConfig | None,
-        history: Sequence[tuple[str, str]] | None = None,
-        return_history: bool = False,
-        num_patches_list: Sequence[int] | None = None,
-        IMG_START_TOKEN: str = "<|vision_start|>",
-        IMG_END_TOKEN: str = "<|vision_end|>",
-        IMG_CONTEXT_TOKEN: str = IMG_CONTEXT_TOKEN,
-        verbose: bool = False,
-        visual_features: torch.Tensor | None = None,
-        streamer: Any = None,
-        *,
-        prompt_mode: str = "chat",
-    ) -> str | list[str] | tuple[str, list[tuple[str, str]]]:
-        """Answer `question` about the images in `pixel_values` (None for text only), as NVLM-D's reference does.
-
-        Args:
-            tokenizer: the model's tokenizer.
-            pixel_values: [tiles, 3, 448, 448] from `load_image` (any float dtype and device), or None.
-            question: the user's turn, not empty; `<image>` marks where each image goes (`<image>\\n` is put in
-                front when there are images, no history and no placeholder).
-            generation_config: dict (or GenerationConfig) of generation settings, e.g.
-                `dict(max_new_tokens=1024, do_sample=False)`; not modified. Generation stops at `<|im_end|>` unless
-                it names its own `eos_token_id`. As in the reference, `repetition_penalty` and
-                `no_repeat_ngram_size` look at the generated tokens only, not at the prompt. Sampling settings
-                (`temperature`, `top_p`, `top_k`, ...) without `do_sample` raise ValueError: set `do_sample`.
-            history: earlier (question, answer) pairs; not modified. Their `<image>` placeholders are expanded again
-                from `pixel_values`, so pass the same images on every turn.
-            return_history: also return the history with this turn appended.
-            num_patches_list: tiles per image when `pixel_values` stacks several images.
-            IMG_START_TOKEN, IMG_END_TOKEN: accepted for compatibility; NVLM wraps images in `<Image>`
-                and `</Image>` text, as the reference does.
-            IMG_CONTEXT_TOKEN: the token whose embeddings are replaced by image features (`<|vision_pad|>`).
-            verbose: log the prompt (without image tokens) and the response.
-            visual_features: precomputed features from `get_visual_features` [tiles, 256, 12800], used instead of
-                running the vision tower.
-            streamer: a transformers streamer (e.g. `TextIteratorStreamer(tokenizer, skip_prompt=True)`).
-            prompt_mode: "chat" (the reference's prompt), "no_system" (no system turn) or "raw" (no template);
-                `chat_without_sys_prompt` and `chat_without_chat_prompt` set it.
-
-        Returns:
-            The response (stripped), or a list of `num_return_sequences` responses when that setting is above 1;
-            with `return_history`, also the new history.
-        """
-        self._check_question(question)
-        num_patches_list = self._check_num_patches(num_patches_list, self._num_tiles(pixel_values, visual_features))
-        self._chat_image_token(tokenizer, IMG_CONTEXT_TOKEN)
-        added_placeholder = bool(num_patches_list) and history is None and IMAGE_PLACEHOLDER not in question
-        if added_placeholder:
-            question = IMAGE_PLACEHOLDER + "\n" + question
-        try:
-            prompt = self.chat_prompt(question, num_patches_list, history, prompt_mode, IMG_CONTEXT_TOKEN)
-        except ValueError as error:
-            if "placeholder" not in str(error):
-                raise
-            raise self._explain_placeholder_mismatch(
-                error, question, added_placeholder, history, len(num_patches_list)
-            ) from None
-        if verbose:
-            logger.warning(f"NVLM-D prompt (image tokens hidden):\n{prompt.replace(IMG_CONTEXT_TOKEN, '')}")
-        (responses,) = self._generate_text(
-            tokenizer, [prompt], generation_config, pixel_values, visual_features, streamer
-        )
-        if verbose:
-            logger.warning(f"NVLM-D response: {responses}")
-        response: str | list[str] = responses[0] if len(responses) == 1 else responses
-        if not return_history:
-            return response
-        if len(responses) > 1:
-            raise ValueError(
-                f"return_history needs one answer per turn, but num_return_sequences gave {len(responses)}: "
-                "generate without return_history and put the answer you keep into history yourself"
-            )
-        return response, [*(history or []), (question, response)]
-
-    def chat_without_sys_prompt(self, *args, **kwargs) -> str | list[str] | tuple[str, list[tuple[str, str]]]:
-        """`chat` (same arguments) with a prompt that has no system turn:
-        `<|im_start|>user\\n...<|im_end|><|im_start|>assistant\\n`.
-
-        (The reference's version cuts the prompt in the middle of its system text; this one builds what its name
-        says.)"""
-        return self.chat(*args, **kwargs, prompt_mode="no_system")
-
-    def chat_without_chat_prompt(
-        self,
-        tokenizer: Any,
-        pixel_values: torch.Tensor | None,
-        question: str,
-        generation_config: dict | GenerationConfig | None,
-        num_patches_list: Sequence[int] | None = None,
-        *args,
-        **kwargs,
-    ) -> str | list[str]:
-        """Complete the bare question (placeholders expanded, no conversation template). The arguments are `chat`'s
-        without `history` and `return_history`, as in the reference."""
-        return self.chat(
-            tokenizer,
-            pixel_values,
-            question,
-            generation_config,
-            None,
-            False,
-            num_patches_list,
-            *args,
-            prompt_mode="raw",
-            **kwargs,
-        )
-
-    def start_chat(
-        self,
-        tokenizer: Any,
-        generation_config: dict | GenerationConfig | None = None,
-        max_tokens: int | None = None,
-    ) -> ChatSession:
-        """A multi-turn conversation whose follow-up questions reuse the KV cache of the turns before them: each turn
-        prefills only its new tokens, and answers as `chat(history=...)` would. See `ChatSession`."""
-        return ChatSession(self, tokenizer, generation_config, max_tokens)
-
-    def batch_chat(
-        self,
-        tokenizer: Any,
-        pixel_values: torch.Tensor | None,
-        questions: Sequence[str],
-        generation_config: dict | GenerationConfig | None,
-        num_patches_list: Sequence[int | Sequence[int]] | None = None,
-        IMG_START_TOKEN: str = "<|vision_start|>",
-        IMG_END_TOKEN: str = "<|vision_end|>",
-        IMG_CONTEXT_TOKEN: str = IMG_CONTEXT_TOKEN,
-        verbose: bool = False,
-        visual_features: torch.Tensor | None = None,
-    ) -> list[str] | list[list[str]]:
-        """Answer several single-turn questions in one left-padded batch; each answer equals that of `chat`.
-
-        `num_patches_list` has one entry per question: the tile count of its image (0 for a text-only
-        question), or a list of tile counts when it has several images. `pixel_values` stacks every tile in
-        question order. Without `num_patches_list`, every question is text only (then `pixel_values` must be
-        None) or, when `pixel_values` is given and there is one question, it gets all the tiles.
-
-        Returns one answer per question, or, when `num_return_sequences` is above 1, a list of that many answers per
-        question.
-        """
-        if isinstance(questions, str) or not isinstance(questions, Sequence) or not questions:
-            raise TypeError("questions must be a non-empty list of strings")
-        num_tiles = self._num_tiles(pixel_values, visual_features)
-        per_question = _images_per_question(num_patches_list, len(questions), num_tiles)
-        self._chat_image_token(tokenizer, IMG_CONTEXT_TOKEN)
-        prompts = []
-        for question, tiles in zip(questions, per_question, strict=True):
-            self._check_question(question)
-            prompts.append(self.chat_prompt(question, tiles, context_token=IMG_CONTEXT_TOKEN))
-        if verbose:
-            for prompt in prompts:
-                logger.warning(f"NVLM-D prompt (image tokens hidden):\n{prompt.replace(IMG_CONTEXT_TOKEN, '')}")
-        answers = self._generate_text(tokenizer, prompts, generation_config, pixel_values, visual_features)
-        return [group[0] for group in answers] if all(len(group) == 1 for group in answers) else answers
-
-
-def _images_per_question(
-    num_patches_list: Sequence[int | Sequence[int]] | None, num_questions: int, num_tiles: int
-) -> list[list[int]]:
-    """Normalise batch_chat's `num_patches_list` to a list of tile counts per question."""
-    if num_patches_list is None:
-        if num_tiles and num_questions != 1:
-            raise ValueError(f"pass num_patches_list to say which of the {num_tiles} tiles belong to which question")
-        return [[num_tiles] if num_tiles else []] * num_questions
-    if isinstance(num_patches_list, (str, bytes)) or not isinstance(num_patches_list, Sequence):
-        raise TypeError(f"num_patches_list must be a list with one entry per question, got {num_patches_list!r}")
-    if len(num_patches_list) != num_questions:
-        raise ValueError(
-            f"num_patches_list must have one entry per question ({num_questions}), got {num_patches_list!r}"
-        )
-    per_question = []
-    for entry in num_patches_list:
-        counts = [entry] if not isinstance(entry, Sequence) else entry
-        per_question.append([n for n in _positive_counts("num_patches_list", counts, allow_zero=True) if n > 0])
-    total = sum(sum(counts) for counts in per_question)
-    if total != num_tiles:
-        raise ValueError(f"num_patches_list sums to {total} tiles but pixel_values holds {num_tiles} tiles")
-    return per_question
-
-
-def _prefill_rows_apart(rows: list[torch.Tensor], config: GenerationConfig, extra: dict) -> bool:
-    """Whether a batch's prompts are prefilled one by one (`_prefill_each_row`): when they differ in length, and
-    generation keeps one row per prompt in a dynamic cache (beams, several sequences per prompt, a static cache,
-    assisted decoding or a cache of the caller's prefill the padded batch). Without a cache (`use_cache=False`) every
-    step reruns the whole sequence, so there is no prefill to run apart."""
-    return (
-        len({len(row) for row in rows}) > 1
-        and config.use_cache is not False
-        and (config.num_beams or 1) == 1
-        and (config.num_return_sequences or 1) == 1
-        and config.cache_implementation is None
-        and extra.get("assistant_model") is None
-        and "cache" not in extra
-        and "past_key_values" not in extra
-    )
-
-
-def _stack_left_padded(caches: list[DynamicCache], length: int) -> DynamicCache:
-    """One batch's cache from single-row caches: each row's keys and values padded on the left to `length`
-    positions (the padding is masked out by the batch's attention mask)."""
-    stacked = DynamicCache()
-    for index in range(len(caches[0].layers)):
-        keys, values = [], []
-        for cache in caches:
-            layer = cache.layers[index]
-            missing = length - layer.keys.shape[-2]
-            keys.append(nn.functional.pad(layer.keys, (0, 0, missing, 0)))
-            values.append(nn.functional.pad(layer.values, (0, 0, missing, 0)))
-            layer.keys = layer.values = None  # the row's copy goes as soon as it is stacked
-        stacked.update(torch.cat(keys), torch.cat(values), index)
-    return stacked
-
-
-def _left_pad(sequences: list[torch.Tensor], pad_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack token sequences, padded on the left (so every prompt ends where generation starts)."""
-    pad_id = pad_token_id if pad_token_id is not None else 0
-    length = max(len(seq) for seq in sequences)
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, length - len(seq) :] = seq
-        attention_mask[row, length - len(seq) :] = 1
-    return input_ids, attention_mask
 
 
 NVLM_D_Model.register_for_auto_class("AutoModel")

@@ -173,7 +173,7 @@ def test_a_different_image_context_token_is_rejected(tiny_model, tokenizer):
 
 
 def test_the_callers_pad_token_id_wins_and_other_settings_default_to_chats(tokenizer):
-    from nvlm_d.modeling_nvlm_d import _chat_generation_config
+    from nvlm_d.chat_nvlm_d import _chat_generation_config
 
     config, extra = _chat_generation_config({"max_new_tokens": 3, "pad_token_id": 7}, tokenizer)
     assert (config.pad_token_id, config.eos_token_id, config.max_new_tokens) == (7, 151645, 3)

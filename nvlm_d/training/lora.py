@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from ..configuration_nvlm_d import LORA_SETTING_KEYS
-from ..modeling_nvlm_d import LLM_LORA_TARGETS, VISION_LORA_TARGETS, NVLM_D_Model
+from ..lora_nvlm_d import LLM_LORA_TARGETS, VISION_LORA_TARGETS
+from ..modeling_nvlm_d import NVLM_D_Model
 
 PARTS = ("vision", "mlp1", "llm")  # what --freeze names
 

@@ -1,0 +1,1 @@
+nvlm_d/chat_nvlm_d.py

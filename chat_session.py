@@ -1,1 +1,0 @@
-nvlm_d/chat_session.py

@@ -1,0 +1,1 @@
+nvlm_d/lora_nvlm_d.py

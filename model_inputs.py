@@ -1,0 +1,1 @@
+nvlm_d/model_inputs.py
