@@ -332,6 +332,7 @@ class InternMLP(nn.Module):
             and act.act is F.gelu
             and not act._forward_hooks
             and not act._forward_pre_hooks
+            and not self.fc1._forward_hooks  # a hook may hold on to fc1's output
             and not _records_autograd(fc1_output)
         )
 
@@ -360,9 +361,10 @@ class InternVisionEncoderLayer(GradientCheckpointingLayer):
 
     def _layer_scale(self, branch: nn.Module, output: torch.Tensor) -> torch.Tensor:
         """`output * ls`, in place in `output` (the branch's fresh tensor) where autograd does not record it and no
-        hook of the branch may hold on to it: the same bits, one allocation fewer."""
+        forward hook in the branch (its own or a submodule's) may hold on to it: the same bits, one allocation fewer."""
         scale = self.ls1 if branch is self.attn else self.ls2
-        if _records_autograd(output, scale) or branch._forward_hooks or output.dtype != scale.dtype:
+        hooked = any(module._forward_hooks for module in branch.modules())  # one may hold the output
+        if _records_autograd(output, scale) or hooked or output.dtype != scale.dtype:
             return output * scale
         return output.mul_(scale)
 
