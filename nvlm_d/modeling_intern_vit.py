@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.activations import ACT2FN
+from transformers.activations import ACT2FN, GELUActivation
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -44,14 +44,39 @@ class InternRMSNorm(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Normalises `hidden_states`, which may be narrower than the weight (the real heads alone, when the
         dummy heads are skipped): the weight's leading channels apply."""
+        if _records_autograd(hidden_states, self.weight) or hidden_states.dtype != self.weight.dtype:
+            input_dtype = hidden_states.dtype
+            hidden_states = hidden_states.to(torch.float32)
+            variance = hidden_states[..., : self.variance_size].pow(2).mean(-1, keepdim=True)
+            hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+            return self.weight[: hidden_states.shape[-1]] * hidden_states.to(input_dtype)
+        return self._forward_in_fresh_tensors(hidden_states)
+
+    def _forward_in_fresh_tensors(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The same operations, with the same bits, writing into tensors this call made rather than allocating a
+        new one for each step: one full-size allocation instead of three in float32. On the CPU every large
+        allocation is fresh memory from the kernel, and its page faults cost as much as the arithmetic here."""
         input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states[..., : self.variance_size].pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight[: hidden_states.shape[-1]] * hidden_states.to(input_dtype)
+        hidden = hidden_states.to(torch.float32)
+        squares = hidden[..., : self.variance_size].pow(2)
+        variance = squares.mean(-1, keepdim=True)
+        if hidden is not hidden_states:
+            scratch = hidden  # the float32 copy of a lower-precision input
+        else:
+            scratch = squares if squares.shape == hidden.shape else None  # never the caller's tensor
+        normed = torch.mul(hidden, torch.rsqrt(variance + self.variance_epsilon), out=scratch)
+        normed = normed.to(input_dtype)
+        return normed.mul_(self.weight[: normed.shape[-1]])  # weight * x == x * weight, bit for bit
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, variance_size={self.variance_size}"
+
+
+def _records_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records operations on these tensors. Where it does not (inference: `torch.no_grad`, or
+    frozen weights and inputs), a fresh intermediate may be overwritten in place: it saves an allocation and gives
+    the same bits."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def eager_attention_forward(
@@ -289,7 +314,27 @@ class InternMLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(hidden_states)))
+        hidden_states = self.fc1(hidden_states)
+        if self._gelu_in_place(hidden_states):
+            torch.ops.aten.gelu_(
+                hidden_states
+            )  # the same kernel as F.gelu, into fc1's fresh [tiles, tokens, 4 x width]
+        else:
+            hidden_states = self.act(hidden_states)
+        return self.fc2(hidden_states)
+
+    def _gelu_in_place(self, fc1_output: torch.Tensor) -> bool:
+        """Whether the activation is plain exact GELU and autograd does not need fc1's output: then it may
+        overwrite it, which saves the layer's largest allocation."""
+        act = self.act
+        return (
+            type(act) is GELUActivation
+            and act.act is F.gelu
+            and not act._forward_hooks
+            and not act._forward_pre_hooks
+            and not self.fc1._forward_hooks  # a hook may hold on to fc1's output
+            and not _records_autograd(fc1_output)
+        )
 
 
 class InternVisionEncoderLayer(GradientCheckpointingLayer):
@@ -309,10 +354,19 @@ class InternVisionEncoderLayer(GradientCheckpointingLayer):
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         # hidden + branch, added into the branch: the branch (layer-scale product, or drop-path's) is a fresh tensor
         # of this layer whose values no backward needs, so this saves an allocation and gives the same bits
-        attn_branch = self.drop_path1(self.attn(self.norm1(hidden_states), **kwargs)[0] * self.ls1)
+        attn_branch = self.drop_path1(self._layer_scale(self.attn, self.attn(self.norm1(hidden_states), **kwargs)[0]))
         hidden_states = attn_branch.add_(hidden_states)
-        mlp_branch = self.drop_path2(self.mlp(self.norm2(hidden_states)) * self.ls2)
+        mlp_branch = self.drop_path2(self._layer_scale(self.mlp, self.mlp(self.norm2(hidden_states))))
         return mlp_branch.add_(hidden_states)
+
+    def _layer_scale(self, branch: nn.Module, output: torch.Tensor) -> torch.Tensor:
+        """`output * ls`, in place in `output` (the branch's fresh tensor) where autograd does not record it and no
+        forward hook in the branch (its own or a submodule's) may hold on to it: the same bits, one allocation fewer."""
+        scale = self.ls1 if branch is self.attn else self.ls2
+        hooked = any(module._forward_hooks for module in branch.modules())  # one may hold the output
+        if _records_autograd(output, scale) or hooked or output.dtype != scale.dtype:
+            return output * scale
+        return output.mul_(scale)
 
 
 class InternVisionEncoder(nn.Module):

@@ -437,3 +437,20 @@ def test_internvl_switch_set_after_disabling_checkpointing_passes_use_reentrant(
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*use_reentrant.*")
         model.vision_model(pixel_values[:1]).last_hidden_state.square().mean().backward()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inference overwrites only its own intermediates
+# ----------------------------------------------------------------------------------------------------------------
+def test_inference_leaves_the_outputs_that_forward_hooks_keep_untouched(pixel_values):
+    """Inference writes GELU and layer-scale results in place; outputs a hook holds on to must keep their values."""
+    vision = silent_tower()
+    layer = vision.encoder.layers[0]
+    kept = {}
+    for name, module in (("fc1", layer.mlp.fc1), ("fc2", layer.mlp.fc2), ("proj", layer.attn.proj)):
+        module.register_forward_hook(lambda _, args, output, name=name: kept.update({name: (output.clone(), output)}))
+    expected = oracle(vision, pixel_values)
+    actual = features(vision, pixel_values)
+    for name, (copy, output) in kept.items():
+        assert torch.equal(output, copy), f"{name}'s output was overwritten"
+    assert relative_error(actual, expected) < RTOL
