@@ -47,6 +47,15 @@ def tiny_model(tiny_checkpoint):
     return AutoModel.from_pretrained(tiny_checkpoint, trust_remote_code=True, dtype=torch.float32).eval()
 
 
+@pytest.fixture(autouse=True)
+def pillow_strict_about_truncated_images(monkeypatch):
+    """Every test starts with Pillow's default (truncated images are errors): lmms-eval, which the evaluation tests
+    import, turns the tolerance on for the whole process when its task module is first loaded."""
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need CUDA; without it they are skipped, never failed (CI has no GPU)."""
     if torch.cuda.is_available():

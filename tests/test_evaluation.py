@@ -139,6 +139,22 @@ def test_missing_local_file_names_the_expected_path(tmp_path, data_dir):
         _run(tmp_path, data_dir, ["realworldqa"], FixedAnswers())
 
 
+def test_an_evaluation_keeps_pillow_strict_about_truncated_images():
+    """lmms-eval's task module turns Pillow's tolerance of truncated images on for its whole process; the evaluation
+    puts it back, so a truncated benchmark image is an error, not a partly grey picture scored as if whole. A fresh
+    interpreter: in this one, lmms-eval was imported long ago."""
+    code = (
+        "from PIL import ImageFile\n"
+        "from nvlm_d.evaluation.runner import import_lmms_eval\n"
+        "import_lmms_eval()\n"
+        "import lmms_eval.api.task, lmms_eval.evaluator\n"
+        "print(ImageFile.LOAD_TRUNCATED_IMAGES)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == "False"
+
+
 def test_lmms_eval_finds_the_nvlm_d_model():
     """Through the installed entry point where the package is installed with its metadata (CI), else through the
     manifest the entry point names."""

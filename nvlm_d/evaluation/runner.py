@@ -87,6 +87,21 @@ def _skip_filelock3_patch() -> None:
         evaluator._enable_reentrant_filelocks._patched = True
 
 
+def import_lmms_eval() -> None:
+    """Import lmms-eval's task module, keeping Pillow strict about truncated images.
+
+    On its first import, `lmms_eval.api.task` turns on `ImageFile.LOAD_TRUNCATED_IMAGES` for the whole process, after
+    which a truncated benchmark image would load as a partly grey picture and silently score wrong. It stays an error
+    naming the file, as `load_image` makes it everywhere else: the setting is put back once the module is loaded (a
+    second import does not run that line again)."""
+    from PIL import ImageFile
+
+    tolerant = ImageFile.LOAD_TRUNCATED_IMAGES
+    import lmms_eval.api.task  # noqa: F401
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = tolerant
+
+
 def run_evaluation(request: EvalRequest) -> list[Any] | None:
     """Run the chosen tasks and write the result files (rank 0). Returns the per-task results on rank 0, None on
     the other ranks of a data-parallel run.
@@ -94,6 +109,7 @@ def run_evaluation(request: EvalRequest) -> list[Any] | None:
     Raises:
         ValueError: a bad settings file, an unknown task name, a missing local data file, a bad option.
     """
+    import_lmms_eval()
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
