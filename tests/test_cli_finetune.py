@@ -154,7 +154,7 @@ def refuse_to_load_the_model(monkeypatch) -> None:
     def load_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("nvlm_d.cli.finetune.load_model", load_model)
+    monkeypatch.setattr("nvlm_d.training.finetune.load_model", load_model)
 
 
 @pytest.mark.parametrize("where", ["the model", "inside it", "holding it"])

@@ -75,11 +75,11 @@ def _backend(args: argparse.Namespace):
         except ValueError as exc:
             raise CLIError(f"--openai-url: {exc}") from None
     from .common import ModelSource, load_model, model_option, resolve_placement
-    from .demo import ensure_tiny_checkpoint
+    from .demo import tiny_checkpoint
 
     placement = resolve_placement(args)
     if args.model is None:
-        checkpoint, _ = ensure_tiny_checkpoint()
+        checkpoint, _ = tiny_checkpoint()
         source = ModelSource(str(checkpoint))
         note = "The tiny demo model has random weights: its answers are gibberish. Serve a real one with --model."
     else:

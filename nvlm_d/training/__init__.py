@@ -1,9 +1,10 @@
 """Fine-tuning NVLM-D: training examples from JSONL conversations, batches (padding, packing, dummy tiles),
 LoRA/QLoRA with peft, and transformers' Trainer with checkpoints that survive kill -9.
 
-`nvlm-d finetune` puts these together; docs/finetuning.md describes the data format, the commands for one GPU to
-several machines, and the memory each recipe needs. peft (LoRA) and DeepSpeed are optional: in a clone of
-the repository, `pip install -e ".[train]"` or `-e ".[deepspeed]"` (the package is not on PyPI).
+`finetune.py` puts these together into a run, which `nvlm-d finetune` calls; docs/finetuning.md describes the
+data format, the commands for one GPU to several machines, and the memory each recipe needs. peft (LoRA) and
+DeepSpeed are optional: in a clone of the repository, `pip install -e ".[train]"` or `-e ".[deepspeed]"` (the
+package is not on PyPI).
 """
 
 from .collator import DataCollator, PackedDataset, pack_lengths
