@@ -47,6 +47,13 @@ def resolve_model(name: str, contact_hub: bool = True) -> ModelSource:
     return _checked_hub_model(name) if contact_hub else ModelSource(name)
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line, at most 400 characters (transformers' and huggingface_hub's errors span
+    several lines), for messages that quote it."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
 def cached_config(repo_id: str) -> Path | None:
     """The config.json of a Hub id in the Hugging Face cache, or None (nothing is downloaded)."""
     from huggingface_hub import try_to_load_from_cache
@@ -82,8 +89,7 @@ def _checked_hub_model(repo_id: str) -> ModelSource:
             "(a private repository needs hf auth login)"
         ) from None
     except Exception as exc:  # no network, DNS, proxy, timeout, a server error
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        reason = reason if len(reason) <= 400 else reason[:397] + "..."
+        reason = one_line(exc)
         if cached:
             note = f"the Hugging Face Hub is unreachable ({reason}); using the cached {repo_id}"
             return ModelSource(repo_id, local_files_only=True, note=note)

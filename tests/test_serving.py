@@ -34,9 +34,11 @@ from transformers import AutoModel, AutoTokenizer
 
 from nvlm_d import build_prompt, load_image
 from nvlm_d.cli import main
-from nvlm_d.cli.serve import Layout, ModelBytes
 from nvlm_d.configuration_nvlm_d import NVLM_D_Config
+from nvlm_d.device_map import build_meta_model
 from nvlm_d.modeling_nvlm_d import NVLM_D_Model
+from nvlm_d.serving import Layout, stage_loads
+from nvlm_d.sizing import component_bytes, kv_cache_bytes_per_token
 from nvlm_d.web import OpenAIBackend, Settings
 
 VLLM_PYTHON_ENV = "NVLM_D_VLLM_PYTHON"
@@ -121,11 +123,13 @@ def test_two_nodes_of_eight_gpus_are_tensor_parallel_within_and_pipeline_paralle
 
 def test_planned_weights_per_gpu_add_up_to_the_model(repo_root):
     config = NVLM_D_Config.from_pretrained(repo_root)
-    sizes = ModelBytes.of(config, element_bytes=2)
-    whole = sum(weights for _, weights, _ in sizes.per_gpu(Layout(1, 1)))
-    split = sizes.per_gpu(Layout(2, 4))
-    assert sum(weights for _, weights, _ in split) * 2 == pytest.approx(whole, rel=1e-6)
-    assert [len(layers) for layers, _, _ in split] == [20, 20, 20, 20]
+    parts = component_bytes(build_meta_model(config), "bf16")
+    kv_per_layer_token = kv_cache_bytes_per_token(config.llm_config, 2)
+    (whole,) = stage_loads(parts, kv_per_layer_token, Layout(1, 1))
+    split = stage_loads(parts, kv_per_layer_token, Layout(2, 4))
+    assert whole.weight_bytes == parts.total
+    assert sum(stage.weight_bytes for stage in split) * 2 == pytest.approx(parts.total, rel=1e-6)
+    assert [len(stage.layers) for stage in split] == [20, 20, 20, 20]
 
 
 @pytest.mark.parametrize("gpus", [3, 6, 16])

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..conversation import IMAGE_PLACEHOLDER
-from ..model_source import ModelSource, resolve_model
+from ..model_source import ModelSource, one_line, resolve_model
 
 PROG = "nvlm-d"
 DEFAULT_MAX_NUM = 6  # tiles per image at most (the model card's example uses 6; load_image's default is 12)
@@ -32,12 +32,6 @@ def is_int(value: Any) -> bool:
 
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception's message on one line (transformers' loading errors span several)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def say(*parts: object) -> None:
