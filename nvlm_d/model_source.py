@@ -2,7 +2,7 @@
 
 Every command that takes `--model` (chat, batch, demo, plan, finetune, serve) and a script that wants the same
 checks before a minutes-long load ask `resolve_model`. It imports neither torch nor transformers (only
-huggingface_hub, and only for a Hub id), so a typo fails at once.
+huggingface_hub, and only for a Hub id), so a typo fails at once; `read_config` imports transformers when called.
 """
 
 from __future__ import annotations
@@ -10,6 +10,10 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 # A Hub repository id, `owner/name`, as the Hub allows them.
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -47,6 +51,34 @@ def resolve_model(name: str, contact_hub: bool = True) -> ModelSource:
     return _checked_hub_model(name) if contact_hub else ModelSource(name)
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line, at most 400 characters (transformers' and huggingface_hub's errors span
+    several lines), for messages that quote it."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def read_config(source: ModelSource) -> PreTrainedConfig:
+    """The NVLM-D config of a resolved model, built by its own code (`trust_remote_code`) as `from_pretrained` would
+    build it, without loading any weight: what planning needs.
+
+    Raises:
+        ValueError: the config cannot be read (the cause is chained), or it is not NVLM-D's.
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            source.path, trust_remote_code=True, local_files_only=source.local_files_only
+        )
+    except Exception as exc:  # transformers' OSError/ValueError, or whatever the directory's own code raises
+        raise ValueError(f"cannot read the config of {source.path}: {one_line(exc)}") from exc
+    kind = getattr(config, "model_type", None)
+    if kind != "NVLM_D":
+        raise ValueError(f"{source.path} is not an NVLM-D model (model_type {kind!r})")
+    return config
+
+
 def cached_config(repo_id: str) -> Path | None:
     """The config.json of a Hub id in the Hugging Face cache, or None (nothing is downloaded)."""
     from huggingface_hub import try_to_load_from_cache
@@ -82,8 +114,7 @@ def _checked_hub_model(repo_id: str) -> ModelSource:
             "(a private repository needs hf auth login)"
         ) from None
     except Exception as exc:  # no network, DNS, proxy, timeout, a server error
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        reason = reason if len(reason) <= 400 else reason[:397] + "..."
+        reason = one_line(exc)
         if cached:
             note = f"the Hugging Face Hub is unreachable ({reason}); using the cached {repo_id}"
             return ModelSource(repo_id, local_files_only=True, note=note)

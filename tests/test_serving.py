@@ -34,9 +34,11 @@ from transformers import AutoModel, AutoTokenizer
 
 from nvlm_d import build_prompt, load_image
 from nvlm_d.cli import main
-from nvlm_d.cli.serve import Layout, ModelBytes
 from nvlm_d.configuration_nvlm_d import NVLM_D_Config
+from nvlm_d.device_map import build_meta_model
 from nvlm_d.modeling_nvlm_d import NVLM_D_Model
+from nvlm_d.serving import Layout, ServedModel, build_command, stage_loads
+from nvlm_d.sizing import component_bytes, kv_cache_bytes_per_token
 from nvlm_d.web import OpenAIBackend, Settings
 
 VLLM_PYTHON_ENV = "NVLM_D_VLLM_PYTHON"
@@ -121,11 +123,13 @@ def test_two_nodes_of_eight_gpus_are_tensor_parallel_within_and_pipeline_paralle
 
 def test_planned_weights_per_gpu_add_up_to_the_model(repo_root):
     config = NVLM_D_Config.from_pretrained(repo_root)
-    sizes = ModelBytes.of(config, element_bytes=2)
-    whole = sum(weights for _, weights, _ in sizes.per_gpu(Layout(1, 1)))
-    split = sizes.per_gpu(Layout(2, 4))
-    assert sum(weights for _, weights, _ in split) * 2 == pytest.approx(whole, rel=1e-6)
-    assert [len(layers) for layers, _, _ in split] == [20, 20, 20, 20]
+    parts = component_bytes(build_meta_model(config), "bf16")
+    kv_per_layer_token = kv_cache_bytes_per_token(config.llm_config, 2)
+    (whole,) = stage_loads(parts, kv_per_layer_token, Layout(1, 1))
+    split = stage_loads(parts, kv_per_layer_token, Layout(2, 4))
+    assert whole.weight_bytes == parts.total
+    assert sum(stage.weight_bytes for stage in split) * 2 == pytest.approx(parts.total, rel=1e-6)
+    assert [len(stage.layers) for stage in split] == [20, 20, 20, 20]
 
 
 @pytest.mark.parametrize("gpus", [3, 6, 16])
@@ -224,6 +228,28 @@ def test_gpus_or_cpu_must_be_chosen(capsys, tiny_checkpoint):
         main(["serve", "--model", str(tiny_checkpoint), "--print-command"])
     assert exited.value.code == 2
     assert "one of the arguments --gpus --cpu is required" in capsys.readouterr().err
+
+
+def test_more_nodes_than_decoder_layers_are_refused(capsys, tiny_checkpoint):
+    layers = NVLM_D_Config.from_pretrained(tiny_checkpoint).llm_config.num_hidden_layers
+    code, command, err = serve(
+        capsys, "--model", str(tiny_checkpoint), "--gpus", "1", "--nodes", str(layers + 1), "--print-command"
+    )
+    assert (code, command) == (2, [])
+    assert f"--nodes {layers + 1}: pipeline parallelism gives each node decoder layers, and the model has only " in err
+
+
+def test_the_library_refuses_a_dtype_vllm_is_not_given_and_a_port_that_is_not_an_int():
+    model = ServedModel("nvidia/NVLM-D-72B", NVLM_D_Config())
+    with pytest.raises(ValueError, match="dtype must be one of auto, bfloat16, float16, float32, got 'bf16'"):
+        build_command("python3", model, Layout(8, 1), dtype="bf16")
+    with pytest.raises(TypeError, match="port must be an int, got str"):
+        build_command("python3", model, Layout(8, 1), port="8000")
+
+
+def test_a_layout_needs_a_gpu_and_a_node():
+    with pytest.raises(ValueError, match="tensor_parallel must be at least 1, got 0"):
+        Layout(0, 1)
 
 
 def test_a_merged_lora_fine_tune_saves_a_directory_vllm_takes_as_nvlm_d(tmp_path):

@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from ..conversation import IMAGE_PLACEHOLDER
-from ..model_source import ModelSource, resolve_model
+from ..loading import Placement
+from ..loading import load_model as load_placed_model
+from ..loading import resolve_placement as placement_for
+from ..model_source import ModelSource, one_line, resolve_model
 
 PROG = "nvlm-d"
 DEFAULT_MAX_NUM = 6  # tiles per image at most (the model card's example uses 6; load_image's default is 12)
@@ -32,12 +35,6 @@ def is_int(value: Any) -> bool:
 
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception's message on one line (transformers' loading errors span several)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def say(*parts: object) -> None:
@@ -272,37 +269,12 @@ def model_option(name: str, contact_hub: bool = True) -> ModelSource:
     return source
 
 
-@dataclasses.dataclass
-class Placement:
-    device_map: Any  # None (CPU), {"": device} or split_model's map
-    device: str  # where inputs go first ("cpu", "cuda:0", ...)
-    dtype: Any  # torch dtype
-    description: str
-
-
 def resolve_placement(args: argparse.Namespace) -> Placement:
-    """Where and in which dtype to load, from --gpus / --device / --dtype; CLIError when impossible here."""
-    import torch
-
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    cuda = torch.cuda.is_available()
-    if args.gpus is not None:
-        if not cuda:
-            raise CLIError(f"--gpus {args.gpus}: no CUDA device is available here; use --device cpu")
-        if args.gpus > torch.cuda.device_count():
-            raise CLIError(f"--gpus {args.gpus}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-        dtype = dtypes[args.dtype or "bf16"]
-        return Placement("split", "cuda:0", dtype, f"{args.gpus} GPU(s), {args.dtype or 'bf16'}")
-    device = args.device or ("cuda" if cuda else "cpu")
+    """--gpus / --device / --dtype: `nvlm_d.loading.resolve_placement`, its errors as one line."""
     try:
-        kind = torch.device(device).type
-    except (RuntimeError, ValueError):
-        raise CLIError(f"--device {device}: not a device (try cpu, cuda or cuda:1)") from None
-    if kind == "cuda" and not cuda:
-        raise CLIError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    dtype_name = args.dtype or ("fp32" if kind == "cpu" else "bf16")
-    device_map = None if kind == "cpu" else {"": device}
-    return Placement(device_map, device, dtypes[dtype_name], f"{device}, {dtype_name}")
+        return placement_for(args.gpus, args.device, args.dtype)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def quiet_transformers() -> None:
@@ -313,28 +285,12 @@ def quiet_transformers() -> None:
 
 
 def load_model(source: ModelSource, placement: Placement, gpus: int | None = None) -> tuple[Any, Any]:
-    """`AutoModel.from_pretrained(path, trust_remote_code=True, ...)` and its tokenizer, quietly.
+    """`nvlm_d.loading.load_model`, quietly: the model and its tokenizer.
 
-    Raises CLIError when either cannot be loaded."""
+    Raises CLIError when either cannot be loaded, or the model is not NVLM-D (the commands need its `chat`)."""
     quiet_transformers()
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    common: dict[str, Any] = {"trust_remote_code": True, "local_files_only": source.local_files_only}
     try:
-        kwargs: dict[str, Any] = {**common, "dtype": placement.dtype}
-        if placement.device_map == "split":
-            from ..device_map import split_model
-
-            config = AutoConfig.from_pretrained(source.path, **common)
-            kwargs["device_map"] = split_model(gpus, num_layers=config.llm_config.num_hidden_layers)
-        elif placement.device_map is not None:
-            kwargs["device_map"] = placement.device_map
-        if source.local_files_only:  # transformers 5.24 does not pass it on to its PEFT-adapter lookup, which
-            kwargs["adapter_kwargs"] = {"local_files_only": True}  # would otherwise retry the Hub for ~23 s
-        model = AutoModel.from_pretrained(source.path, **kwargs).eval()
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **common)
-    except CLIError:
-        raise
+        model, tokenizer = load_placed_model(source, placement, gpus)
     except Exception as exc:
         raise CLIError(f"cannot load the model from {source.path}: {one_line(exc)}") from None
     if not callable(getattr(model, "chat", None)):

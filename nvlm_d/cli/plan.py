@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from ..memory_size import DEFAULT_GPU_MEMORY, parse_memory
-from .common import CLIError, model_option, one_line, positive_int, quiet_transformers
+from ..model_source import read_config
+from .common import CLIError, model_option, positive_int, quiet_transformers
 
 MAX_GPUS = 64  # the largest GPU count searched for a plan that fits
 
@@ -85,17 +86,10 @@ def _run_plan(args: argparse.Namespace) -> int:
     if args.model:
         source = model_option(args.model)
         quiet_transformers()
-        from transformers import AutoConfig
-
         try:
-            config = AutoConfig.from_pretrained(
-                source.path, trust_remote_code=True, local_files_only=source.local_files_only
-            )
-        except Exception as exc:
-            raise CLIError(f"cannot read the config of {source.path}: {one_line(exc)}") from None
-        if getattr(config, "model_type", None) != "NVLM_D":
-            kind = getattr(config, "model_type", None)
-            raise CLIError(f"{source.path} is not an NVLM-D model (model_type {kind!r})")
+            config = read_config(source)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
     from ..device_map import build_meta_model, format_plan, plan_device_map, smallest_gpu_count
 
     model = build_meta_model(config)
