@@ -129,6 +129,21 @@ def test_a_killed_run_resumes_with_only_the_missing_answers(tmp_path, data_dir):
     assert results[0].scores == pytest.approx({"nvlm": 200 / 3, "standard": 100 / 3})
 
 
+def test_answers_journaled_after_a_torn_line_survive_the_next_resume(tmp_path):
+    """A kill mid-write leaves a line without its end; the resumed run's answers must not be glued to it, or a
+    second kill would make the run ask them again."""
+    from nvlm_d.evaluation.journal import AnswerJournal
+
+    AnswerJournal(tmp_path).add([("first", "45%")])
+    with (tmp_path / "rank-0.jsonl").open("a") as journal:
+        journal.write('{"key": "second", "ans')  # killed here
+    resumed = AnswerJournal(tmp_path)
+    assert resumed.get("first") == "45%" and resumed.get("second") is None
+    resumed.add([("third", "10.4")])
+    after_a_second_kill = AnswerJournal(tmp_path)
+    assert after_a_second_kill.get("first") == "45%" and after_a_second_kill.get("third") == "10.4"
+
+
 def test_unknown_task_name_is_a_clear_error(tmp_path, data_dir):
     with pytest.raises(ValueError, match=r"unknown task 'chartqaa'.*known: .*chartqa"):
         _run(tmp_path, data_dir, ["chartqaa"], FixedAnswers())
