@@ -7,9 +7,12 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -189,23 +192,99 @@ def test_lmms_eval_finds_the_nvlm_d_model():
     assert 'nvlm_d = "nvlm_d.evaluation.lmms_model:MANIFEST"' in pyproject
 
 
-def test_the_cards_command_runs_on_the_tiny_checkpoint(tiny_checkpoint, data_dir, tmp_path):
-    command = [
-        sys.executable, "run_eval.py", "--config-path", "eval/full_eval.yaml", "--result-save-path", str(tmp_path),
-        "--zero-shot-eval-tasks", "chartqa", "mmmu", "chartqa", "docvqa_test",
-        "--model", str(tiny_checkpoint), "--data-dir", str(data_dir), "--limit", "1", "--device", "cpu",
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+
+
+def _tiny_eval_options(checkpoint: Path, data: Path, result_dir: Path) -> list[str]:
+    return [
+        "--result-save-path", str(result_dir), "--model", str(checkpoint), "--data-dir", str(data),
+        "--limit", "3", "--batch-size", "2", "--device", "cpu",
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
+
+
+@pytest.fixture(scope="module")
+def cards_command_run(tiny_checkpoint, data_dir, tmp_path_factory):
+    """The card's command, uninterrupted, on the tiny checkpoint: (result directory, finished process)."""
+    result_dir = tmp_path_factory.mktemp("cards_command")
+    command = [
+        sys.executable, "run_eval.py", "--config-path", "eval/full_eval.yaml",
+        "--zero-shot-eval-tasks", "chartqa", "mmmu", "chartqa", "docvqa_test",
+        *_tiny_eval_options(tiny_checkpoint, data_dir, result_dir),
+    ]  # fmt: skip
+    env = {**os.environ, **OFFLINE}
+    return result_dir, subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
+
+
+def test_the_cards_command_runs_on_the_tiny_checkpoint(cards_command_run):
+    result_dir, result = cards_command_run
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "| chartqa | test | 1 |" in result.stdout
+    assert "| chartqa | test | 3 |" in result.stdout
     assert "| docvqa_test | test | 1 | server | server |" in result.stdout
-    record = json.loads((tmp_path / "samples" / "mmmu.jsonl").read_text())
+    record = json.loads((result_dir / "samples" / "mmmu.jsonl").read_text().splitlines()[0])
     assert (
         record["prompt"]
         == "Which colour?\n(A) red\n(B) blue\n\nAnswer with the option's letter from the given choices directly."
     )
     assert record["answer"] == record["raw_output"].split("<|im_end|>")[0].strip().split("\n")[0].strip()
+
+
+def _finished_answers(journal: Path) -> int:
+    """The answers a journal holds in whole lines (a line still being written does not count)."""
+    if not journal.is_file():
+        return 0
+    return len(journal.read_bytes().split(b"\n")[:-1])
+
+
+def test_a_run_killed_with_sigkill_resumes_without_asking_finished_samples_again(
+    cards_command_run, tiny_checkpoint, data_dir, tmp_path
+):
+    """`nvlm-d eval` killed with SIGKILL once its first batch (two ChartQA samples) is journaled, then run again to
+    the end. Until the kill, the third sample's image is a named pipe nobody writes: the first run blocks there, so
+    the kill cannot come after the end. Before the second run the first two samples' images are deleted: asking the
+    model about them again would fail naming their record."""
+    data = shutil.copytree(data_dir, tmp_path / "data")
+    images = data / "chartqa" / "images"
+    (images / "2.png").unlink()
+    os.mkfifo(images / "2.png")
+    result_dir = tmp_path / "results"
+    command = [
+        sys.executable, "-m", "nvlm_d.cli", "eval", "--zero-shot-eval-tasks", "chartqa",
+        *_tiny_eval_options(tiny_checkpoint, data, result_dir),
+    ]  # fmt: skip
+    env = {**os.environ, **OFFLINE}
+    journal = result_dir / "answers" / "rank-0.jsonl"
+    log = tmp_path / "killed.log"
+    with log.open("w") as output:
+        first = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 1800
+    try:
+        while _finished_answers(journal) < 2:
+            assert first.poll() is None, f"the run ended before the kill:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, "no answer journaled in 1800 s"
+            time.sleep(0.1)  # poll interval
+    finally:
+        first.kill()  # SIGKILL
+        first.wait(timeout=1800)
+    assert first.returncode == -signal.SIGKILL
+    assert _finished_answers(journal) == 2 and not (result_dir / "summary.json").exists()
+
+    (images / "2.png").unlink()
+    shutil.copy(data_dir / "chartqa" / "images" / "2.png", images / "2.png")
+    (images / "0.png").unlink()
+    (images / "1.png").unlink()
+    second = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert second.returncode == 0, second.stderr[-4000:]
+
+    keys = [json.loads(line)["key"] for line in journal.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 3  # two answers before the kill, one after, none asked twice
+    samples = (result_dir / "samples" / "chartqa.jsonl").read_text()
+    assert [json.loads(line)["doc_id"] for line in samples.splitlines()] == [0, 1, 2]
+    uninterrupted_dir, uninterrupted = cards_command_run
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-4000:]
+    assert samples == (uninterrupted_dir / "samples" / "chartqa.jsonl").read_text()
+    summary = json.loads((result_dir / "summary.json").read_text())["tasks"]["chartqa"]
+    expected = json.loads((uninterrupted_dir / "summary.json").read_text())["tasks"]["chartqa"]
+    assert (summary["samples"], summary["scores"]) == (3, expected["scores"])
 
 
 def test_torchrun_two_processes_score_every_sample_once(fixed_run, data_dir, tmp_path):
