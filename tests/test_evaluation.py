@@ -287,6 +287,73 @@ def test_a_run_killed_with_sigkill_resumes_without_asking_finished_samples_again
     assert (summary["samples"], summary["scores"]) == (3, expected["scores"])
 
 
+def _entry_point_path(directory: Path) -> str:
+    """Where `python -m lmms_eval` finds the `nvlm_d` model: the installed package's entry point (CI installs it), or
+    else, where this checkout is not installed with its metadata, the same entry point as pip would write it from
+    pyproject.toml, as a distribution's metadata in `directory` (to put on PYTHONPATH)."""
+    from importlib.metadata import entry_points
+
+    import tomllib
+
+    if any(entry.name == "nvlm_d" for entry in entry_points(group="lmms_eval.models")):
+        return ""
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    table = project["entry-points"]["lmms_eval.models"]
+    metadata = directory / "nvlm_d_checkout-0.dist-info"
+    metadata.mkdir(parents=True)
+    (metadata / "METADATA").write_text("Metadata-Version: 2.1\nName: nvlm-d-checkout\nVersion: 0\n")
+    lines = "".join(f"{name} = {target}\n" for name, target in table.items())
+    (metadata / "entry_points.txt").write_text("[lmms_eval.models]\n" + lines)
+    return str(directory)
+
+
+def test_lmms_evals_own_command_runs_the_nvlm_d_model_on_local_data(
+    cards_command_run, tiny_checkpoint, data_dir, tmp_path
+):
+    """`python -m lmms_eval --model nvlm_d --tasks nvlm_chartqa`, offline: the task pack through --include_path, the
+    records through NVLM_EVAL_DATA_DIR. Its metrics and answers are those of the card's command on the same items
+    (same batch of two)."""
+    from nvlm_d.evaluation.runner import TASKS_DIR
+
+    output = tmp_path / "output"
+    command = [
+        sys.executable, "-m", "lmms_eval", "--model", "nvlm_d",
+        "--model_args", f"pretrained={tiny_checkpoint},device=cpu", "--tasks", "nvlm_chartqa",
+        "--include_path", str(TASKS_DIR), "--limit", "2", "--batch_size", "2",
+        "--output_path", str(output), "--log_samples",
+    ]  # fmt: skip
+    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), _entry_point_path(tmp_path / "metadata")]))
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": python_path, "NVLM_EVAL_DATA_DIR": str(data_dir)}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-4000:]
+    [results_file] = output.glob("*/*_results.json")
+    results = json.loads(results_file.read_text())
+    assert results["n-samples"]["nvlm_chartqa"] == {"original": 3, "effective": 2}
+    [samples_file] = output.glob("*/*_samples_nvlm_chartqa.jsonl")
+    samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"])
+    uninterrupted_dir, uninterrupted = cards_command_run
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-4000:]
+    expected = [json.loads(line) for line in (uninterrupted_dir / "samples" / "chartqa.jsonl").read_text().splitlines()]
+    for sample, record in zip(samples, expected[:2], strict=True):
+        answer = sample.get("resps", sample["filtered_resps"])  # lmms-eval drops `resps` when it equals the filtered
+        while isinstance(answer, list):
+            [answer] = answer
+        assert answer == record["raw_output"]
+        assert (sample["nvlm"], sample["standard"]) == (record["nvlm"], record["standard"])
+    metrics = results["results"]["nvlm_chartqa"]
+    for profile in ("nvlm", "standard"):
+        mean = 100.0 * sum(record[profile] for record in expected[:2]) / 2
+        assert metrics[f"{profile},none"] == pytest.approx(mean)
+
+
+def test_every_tasks_local_folder_is_named_as_the_card_names_it():
+    from nvlm_d.evaluation.config import load_config
+    from nvlm_d.evaluation.local_data import card_name
+
+    for name, settings in load_config(CONFIG).tasks.items():
+        assert card_name(settings.task) == name
+
+
 def test_torchrun_two_processes_score_every_sample_once(fixed_run, data_dir, tmp_path):
     """Data parallel as lmms-eval does it (gloo, CPU): each rank answers its own share, rank 0 gathers; the same
     samples and scores as one process, none lost, none twice."""
