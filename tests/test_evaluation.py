@@ -157,6 +157,15 @@ def test_missing_local_file_names_the_expected_path(tmp_path, data_dir):
         _run(tmp_path, data_dir, ["realworldqa"], FixedAnswers())
 
 
+def test_a_missing_file_under_the_environments_data_dir_names_the_variable_and_path(data_dir, monkeypatch):
+    from nvlm_d.evaluation.local_data import with_environment_data_dir
+
+    monkeypatch.setenv("NVLM_EVAL_DATA_DIR", str(data_dir))
+    config = {"task": "nvlm_ai2d", "test_split": "test", "dataset_path": "lmms-lab-encoder/ai2d"}
+    with pytest.raises(ValueError, match=r"^NVLM_EVAL_DATA_DIR: task 'ai2diagram' .*ai2diagram/test\.jsonl"):
+        with_environment_data_dir(config)
+
+
 def test_an_evaluation_keeps_pillow_strict_about_truncated_images():
     """lmms-eval's task module turns Pillow's tolerance of truncated images on for its whole process; the evaluation
     puts it back, so a truncated benchmark image is an error, not a partly grey picture scored as if whole. A fresh

@@ -27,11 +27,11 @@ CARD_NAMES = {"nvlm_ai2d": "ai2diagram", "nvlm_ai2d_nomask": "ai2diagram_nomask"
 IMAGE_FIELDS = ("image", "decoded_image") + tuple(f"image_{index}" for index in range(1, 8))
 
 
-def local_file(data_dir: str | os.PathLike, name: str, split: str) -> Path:
-    """The JSONL file of task `name`'s `split`, or ValueError saying where it was expected."""
+def local_file(data_dir: str | os.PathLike, name: str, split: str, source: str = "--data-dir") -> Path:
+    """The JSONL file of task `name`'s `split`, or ValueError saying where it was expected (and who said so)."""
     path = Path(data_dir) / name / f"{split}.jsonl"
     if not path.is_file():
-        raise ValueError(f"--data-dir: task {name!r} expects its {split!r} records in {path}, which does not exist")
+        raise ValueError(f"{source}: task {name!r} expects its {split!r} records in {path}, which does not exist")
     return path
 
 
@@ -48,9 +48,9 @@ def absolute_image_paths(dataset: Any, base: str) -> Any:
     return dataset.map(functools.partial(_absolute_images, base=base))
 
 
-def local_overrides(data_dir: str | os.PathLike, name: str, split: str) -> dict[str, Any]:
-    """lmms-eval task-config keys that read `split` of task `name` from `data_dir`."""
-    path = local_file(data_dir, name, split)
+def local_overrides(data_dir: str | os.PathLike, name: str, split: str, source: str = "--data-dir") -> dict[str, Any]:
+    """lmms-eval task-config keys that read `split` of task `name` from `data_dir` (given by `source`)."""
+    path = local_file(data_dir, name, split, source)
     return {
         "dataset_path": "json",
         "dataset_name": None,
@@ -71,7 +71,8 @@ def with_environment_data_dir(config: dict[str, Any]) -> dict[str, Any]:
     data_dir = os.environ.get(DATA_DIR_VARIABLE)
     if not data_dir or config.get("dataset_path") == "json":
         return config
-    return {**config, **local_overrides(data_dir, card_name(config["task"]), config["test_split"])}
+    overrides = local_overrides(data_dir, card_name(config["task"]), config["test_split"], DATA_DIR_VARIABLE)
+    return {**config, **overrides}
 
 
 class LocalDataTask(ConfigurableTask):
