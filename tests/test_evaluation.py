@@ -7,9 +7,12 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -129,6 +132,21 @@ def test_a_killed_run_resumes_with_only_the_missing_answers(tmp_path, data_dir):
     assert results[0].scores == pytest.approx({"nvlm": 200 / 3, "standard": 100 / 3})
 
 
+def test_answers_journaled_after_a_torn_line_survive_the_next_resume(tmp_path):
+    """A kill mid-write leaves a line without its end; the resumed run's answers must not be glued to it, or a
+    second kill would make the run ask them again."""
+    from nvlm_d.evaluation.journal import AnswerJournal
+
+    AnswerJournal(tmp_path).add([("first", "45%")])
+    with (tmp_path / "rank-0.jsonl").open("a") as journal:
+        journal.write('{"key": "second", "ans')  # killed here
+    resumed = AnswerJournal(tmp_path)
+    assert resumed.get("first") == "45%" and resumed.get("second") is None
+    resumed.add([("third", "10.4")])
+    after_a_second_kill = AnswerJournal(tmp_path)
+    assert after_a_second_kill.get("first") == "45%" and after_a_second_kill.get("third") == "10.4"
+
+
 def test_unknown_task_name_is_a_clear_error(tmp_path, data_dir):
     with pytest.raises(ValueError, match=r"unknown task 'chartqaa'.*known: .*chartqa"):
         _run(tmp_path, data_dir, ["chartqaa"], FixedAnswers())
@@ -137,6 +155,15 @@ def test_unknown_task_name_is_a_clear_error(tmp_path, data_dir):
 def test_missing_local_file_names_the_expected_path(tmp_path, data_dir):
     with pytest.raises(ValueError, match=r"realworldqa.*test\.jsonl"):
         _run(tmp_path, data_dir, ["realworldqa"], FixedAnswers())
+
+
+def test_a_missing_file_under_the_environments_data_dir_names_the_variable_and_path(data_dir, monkeypatch):
+    from nvlm_d.evaluation.local_data import with_environment_data_dir
+
+    monkeypatch.setenv("NVLM_EVAL_DATA_DIR", str(data_dir))
+    config = {"task": "nvlm_ai2d", "test_split": "test", "dataset_path": "lmms-lab-encoder/ai2d"}
+    with pytest.raises(ValueError, match=r"^NVLM_EVAL_DATA_DIR: task 'ai2diagram' .*ai2diagram/test\.jsonl"):
+        with_environment_data_dir(config)
 
 
 def test_an_evaluation_keeps_pillow_strict_about_truncated_images():
@@ -174,23 +201,166 @@ def test_lmms_eval_finds_the_nvlm_d_model():
     assert 'nvlm_d = "nvlm_d.evaluation.lmms_model:MANIFEST"' in pyproject
 
 
-def test_the_cards_command_runs_on_the_tiny_checkpoint(tiny_checkpoint, data_dir, tmp_path):
-    command = [
-        sys.executable, "run_eval.py", "--config-path", "eval/full_eval.yaml", "--result-save-path", str(tmp_path),
-        "--zero-shot-eval-tasks", "chartqa", "mmmu", "chartqa", "docvqa_test",
-        "--model", str(tiny_checkpoint), "--data-dir", str(data_dir), "--limit", "1", "--device", "cpu",
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+
+
+def _tiny_eval_options(checkpoint: Path, data: Path, result_dir: Path) -> list[str]:
+    return [
+        "--result-save-path", str(result_dir), "--model", str(checkpoint), "--data-dir", str(data),
+        "--limit", "3", "--batch-size", "2", "--device", "cpu",
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
+
+
+@pytest.fixture(scope="module")
+def cards_command_run(tiny_checkpoint, data_dir, tmp_path_factory):
+    """The card's command, uninterrupted, on the tiny checkpoint: (result directory, finished process)."""
+    result_dir = tmp_path_factory.mktemp("cards_command")
+    command = [
+        sys.executable, "run_eval.py", "--config-path", "eval/full_eval.yaml",
+        "--zero-shot-eval-tasks", "chartqa", "mmmu", "chartqa", "docvqa_test",
+        *_tiny_eval_options(tiny_checkpoint, data_dir, result_dir),
+    ]  # fmt: skip
+    env = {**os.environ, **OFFLINE}
+    return result_dir, subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
+
+
+def test_the_cards_command_runs_on_the_tiny_checkpoint(cards_command_run):
+    result_dir, result = cards_command_run
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "| chartqa | test | 1 |" in result.stdout
+    assert "| chartqa | test | 3 |" in result.stdout
     assert "| docvqa_test | test | 1 | server | server |" in result.stdout
-    record = json.loads((tmp_path / "samples" / "mmmu.jsonl").read_text())
+    record = json.loads((result_dir / "samples" / "mmmu.jsonl").read_text().splitlines()[0])
     assert (
         record["prompt"]
         == "Which colour?\n(A) red\n(B) blue\n\nAnswer with the option's letter from the given choices directly."
     )
     assert record["answer"] == record["raw_output"].split("<|im_end|>")[0].strip().split("\n")[0].strip()
+
+
+def _finished_answers(journal: Path) -> int:
+    """The answers a journal holds in whole lines (a line still being written does not count)."""
+    if not journal.is_file():
+        return 0
+    return len(journal.read_bytes().split(b"\n")[:-1])
+
+
+def test_a_run_killed_with_sigkill_resumes_without_asking_finished_samples_again(
+    cards_command_run, tiny_checkpoint, data_dir, tmp_path
+):
+    """`nvlm-d eval` killed with SIGKILL once its first batch (two ChartQA samples) is journaled, then run again to
+    the end. Until the kill, the third sample's image is a named pipe nobody writes: the first run blocks there, so
+    the kill cannot come after the end. Before the second run the first two samples' images are deleted: asking the
+    model about them again would fail naming their record."""
+    data = shutil.copytree(data_dir, tmp_path / "data")
+    images = data / "chartqa" / "images"
+    (images / "2.png").unlink()
+    os.mkfifo(images / "2.png")
+    result_dir = tmp_path / "results"
+    command = [
+        sys.executable, "-m", "nvlm_d.cli", "eval", "--zero-shot-eval-tasks", "chartqa",
+        *_tiny_eval_options(tiny_checkpoint, data, result_dir),
+    ]  # fmt: skip
+    env = {**os.environ, **OFFLINE}
+    journal = result_dir / "answers" / "rank-0.jsonl"
+    log = tmp_path / "killed.log"
+    with log.open("w") as output:
+        first = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 1800
+    try:
+        while _finished_answers(journal) < 2:
+            assert first.poll() is None, f"the run ended before the kill:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, "no answer journaled in 1800 s"
+            time.sleep(0.1)  # poll interval
+    finally:
+        first.kill()  # SIGKILL
+        first.wait(timeout=1800)
+    assert first.returncode == -signal.SIGKILL
+    assert _finished_answers(journal) == 2 and not (result_dir / "summary.json").exists()
+
+    (images / "2.png").unlink()
+    shutil.copy(data_dir / "chartqa" / "images" / "2.png", images / "2.png")
+    (images / "0.png").unlink()
+    (images / "1.png").unlink()
+    second = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert second.returncode == 0, second.stderr[-4000:]
+
+    keys = [json.loads(line)["key"] for line in journal.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 3  # two answers before the kill, one after, none asked twice
+    samples = (result_dir / "samples" / "chartqa.jsonl").read_text()
+    assert [json.loads(line)["doc_id"] for line in samples.splitlines()] == [0, 1, 2]
+    uninterrupted_dir, uninterrupted = cards_command_run
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-4000:]
+    assert samples == (uninterrupted_dir / "samples" / "chartqa.jsonl").read_text()
+    summary = json.loads((result_dir / "summary.json").read_text())["tasks"]["chartqa"]
+    expected = json.loads((uninterrupted_dir / "summary.json").read_text())["tasks"]["chartqa"]
+    assert (summary["samples"], summary["scores"]) == (3, expected["scores"])
+
+
+def _entry_point_path(directory: Path) -> str:
+    """Where `python -m lmms_eval` finds the `nvlm_d` model: the installed package's entry point (CI installs it), or
+    else, where this checkout is not installed with its metadata, the same entry point as pip would write it from
+    pyproject.toml, as a distribution's metadata in `directory` (to put on PYTHONPATH)."""
+    from importlib.metadata import entry_points
+
+    import tomllib
+
+    if any(entry.name == "nvlm_d" for entry in entry_points(group="lmms_eval.models")):
+        return ""
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    table = project["entry-points"]["lmms_eval.models"]
+    metadata = directory / "nvlm_d_checkout-0.dist-info"
+    metadata.mkdir(parents=True)
+    (metadata / "METADATA").write_text("Metadata-Version: 2.1\nName: nvlm-d-checkout\nVersion: 0\n")
+    lines = "".join(f"{name} = {target}\n" for name, target in table.items())
+    (metadata / "entry_points.txt").write_text("[lmms_eval.models]\n" + lines)
+    return str(directory)
+
+
+def test_lmms_evals_own_command_runs_the_nvlm_d_model_on_local_data(
+    cards_command_run, tiny_checkpoint, data_dir, tmp_path
+):
+    """`python -m lmms_eval --model nvlm_d --tasks nvlm_chartqa`, offline: the task pack through --include_path, the
+    records through NVLM_EVAL_DATA_DIR. Its metrics and answers are those of the card's command on the same items
+    (same batch of two)."""
+    from nvlm_d.evaluation.runner import TASKS_DIR
+
+    output = tmp_path / "output"
+    command = [
+        sys.executable, "-m", "lmms_eval", "--model", "nvlm_d",
+        "--model_args", f"pretrained={tiny_checkpoint},device=cpu", "--tasks", "nvlm_chartqa",
+        "--include_path", str(TASKS_DIR), "--limit", "2", "--batch_size", "2",
+        "--output_path", str(output), "--log_samples",
+    ]  # fmt: skip
+    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), _entry_point_path(tmp_path / "metadata")]))
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": python_path, "NVLM_EVAL_DATA_DIR": str(data_dir)}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-4000:]
+    [results_file] = output.glob("*/*_results.json")
+    results = json.loads(results_file.read_text())
+    assert results["n-samples"]["nvlm_chartqa"] == {"original": 3, "effective": 2}
+    [samples_file] = output.glob("*/*_samples_nvlm_chartqa.jsonl")
+    samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"])
+    uninterrupted_dir, uninterrupted = cards_command_run
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-4000:]
+    expected = [json.loads(line) for line in (uninterrupted_dir / "samples" / "chartqa.jsonl").read_text().splitlines()]
+    for sample, record in zip(samples, expected[:2], strict=True):
+        answer = sample.get("resps", sample["filtered_resps"])  # lmms-eval drops `resps` when it equals the filtered
+        while isinstance(answer, list):
+            [answer] = answer
+        assert answer == record["raw_output"]
+        assert (sample["nvlm"], sample["standard"]) == (record["nvlm"], record["standard"])
+    metrics = results["results"]["nvlm_chartqa"]
+    for profile in ("nvlm", "standard"):
+        mean = 100.0 * sum(record[profile] for record in expected[:2]) / 2
+        assert metrics[f"{profile},none"] == pytest.approx(mean)
+
+
+def test_every_tasks_local_folder_is_named_as_the_card_names_it():
+    from nvlm_d.evaluation.config import load_config
+    from nvlm_d.evaluation.local_data import card_name
+
+    for name, settings in load_config(CONFIG).tasks.items():
+        assert card_name(settings.task) == name
 
 
 def test_torchrun_two_processes_score_every_sample_once(fixed_run, data_dir, tmp_path):

@@ -3,7 +3,8 @@
 lmms-eval's response cache stores a model's answers only after `generate_until` returns for a whole task, so a
 killed run loses everything it generated. The journal stores each batch's answers as soon as they exist: one JSON
 line per answer, appended and fsynced, one file per rank (`answers/rank-<r>.jsonl`; every rank reads all files, so
-a resumed run may use another number of processes). A line torn by the kill is ignored.
+a resumed run may use another number of processes). A line torn by the kill is ignored, and cut from the end of
+this rank's file before anything is appended to it (else the next answer would be glued to it and lost).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class AnswerJournal:
         self.answers: dict[str, str] = {}
         for path in sorted(self.directory.glob("rank-*.jsonl")):
             self._read(path)
+        self._cut_torn_line()
 
     def _read(self, path: Path) -> None:
         with path.open(encoding="utf-8") as lines:
@@ -38,6 +40,17 @@ class AnswerJournal:
                     continue  # the last line of a killed run
                 if isinstance(entry, dict) and isinstance(entry.get("answer"), str):
                     self.answers[entry["key"]] = entry["answer"]
+
+    def _cut_torn_line(self) -> None:
+        """Drop the unfinished last line a kill left in this rank's file, so that appends start on a line of their
+        own."""
+        if not self.path.is_file():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with self.path.open("r+b") as journal:
+                journal.truncate(data.rfind(b"\n") + 1)
+                os.fsync(journal.fileno())
 
     def get(self, key: str) -> str | None:
         return self.answers.get(key)

@@ -20,6 +20,7 @@ from transformers.utils import logging
 from .backends import BACKENDS, HFBackend, OpenAIBackend, Placement, Request, load_hf_model
 from .journal import AnswerJournal, answer_key
 from .prompts import MAX_NEW_TOKENS, MAX_TILES
+from .runner import skip_filelock3_patch
 
 logger = logging.get_logger(__name__)
 
@@ -45,7 +46,8 @@ class NVLMD(lmms):
 
     - `backend`: `hf` (default) or `openai`;
     - hf: `pretrained` (model directory or Hub id), `gpus` (GPUs per replica, the card's layer split), `device`,
-      `dtype` (bf16/fp16/fp32), `bits` (8 or 4: bitsandbytes on the decoder), `batch_size`, `max_num` (tiles);
+      `dtype` (bf16/fp16/fp32), `bits` (8 or 4: bitsandbytes on the decoder), `max_num` (tiles); the batch size is
+      lmms-eval's `--batch_size`, which it passes beside `model_args` (both at once is a duplicate argument);
     - openai: `base_url` (e.g. http://localhost:8000/v1), `served_model_name`, `api_key`;
     - `journal_dir`: keep every answer there as soon as it exists, and reuse the answers found there (resume).
 
@@ -73,6 +75,7 @@ class NVLMD(lmms):
         **unused: Any,
     ) -> None:
         super().__init__()
+        skip_filelock3_patch()  # `python -m lmms_eval` would fail under filelock 4 (see runner.skip_filelock3_patch)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self._rank = int(os.environ.get("RANK", 0))

@@ -75,10 +75,12 @@ def build_model(request: EvalRequest, max_tiles: int, journal_dir: str) -> Any:
     )
 
 
-def _skip_filelock3_patch() -> None:
+def skip_filelock3_patch() -> None:
     """lmms-eval 0.7.3's `simple_evaluate` first patches filelock 3's private `filelock._api` (re-entrant locks
-    for `datasets`); filelock 4, which current torch and huggingface_hub environments carry, has no such module and
-    the patch fails with ModuleNotFoundError. Mark the patch as applied in that case only."""
+    for `datasets`; `evaluator._enable_reentrant_filelocks`); filelock 4, which current torch and huggingface_hub
+    environments carry, has no such module and the patch fails with ModuleNotFoundError. Mark the patch as applied in
+    that case only. Called before `simple_evaluate` here, and by the `nvlm_d` model's constructor for lmms-eval's own
+    command line (which builds the model before it applies the patch)."""
     import importlib.util
 
     from lmms_eval import evaluator
@@ -125,7 +127,7 @@ def run_evaluation(request: EvalRequest) -> list[Any] | None:
     result_dir = Path(request.result_save_path)
     result_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(request, config.max_tiles, str(result_dir / "answers"))
-    _skip_filelock3_patch()
+    skip_filelock3_patch()
     results = simple_evaluate(
         model=model,
         tasks=tasks,

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nvlm_d.evaluation import prompts, scoring
+from nvlm_d.evaluation.local_data import LocalDataTask  # noqa: F401 (the template's `class`)
 
 
 class DataError(ValueError):
