@@ -43,7 +43,7 @@ from transformers import AutoTokenizer
 
 from nvlm_d.cli import batch as batch_command
 from nvlm_d.cli.batch import ResultLog, read_requests
-from nvlm_d.cli.common import TileSpec, open_image, stack_images, tile_image
+from nvlm_d.image_inputs import TileSpec, open_image_file, stack_images, tile_image
 from nvlm_d.tiny import TOKENIZER_DIR, build_benchmark_model
 
 MAX_NUM = 12
@@ -142,7 +142,7 @@ def one_at_a_time(requests, log, model, tokenizer, args, clock) -> None:
     spec = TileSpec.of(model.config)
     for request in requests:
         started = time.perf_counter()
-        images = [tile_image(open_image(path), args.max_num, spec) for path in request.images]
+        images = [tile_image(open_image_file(path), args.max_num, spec) for path in request.images]
         clock.add("loading", time.perf_counter() - started)
         pixel_values, num_patches_list = stack_images(images)
         generation = {"max_new_tokens": args.max_new_tokens, "do_sample": False, **request.generation}

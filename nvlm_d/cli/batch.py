@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..conversation import IMAGE_PLACEHOLDER
+from ..image_inputs import ImageInputError, TileSpec, open_image_file, stack_images, tile_image, with_image_placeholders
 from .batching import (
     GROUP_BATCHES,
     InOrderWriter,
@@ -33,7 +34,6 @@ from .common import (
     DEFAULT_MAX_NEW_TOKENS,
     PROG,
     CLIError,
-    TileSpec,
     add_max_num,
     add_placement_options,
     fsync_dir,
@@ -43,13 +43,9 @@ from .common import (
     model_option,
     non_negative_int,
     one_line,
-    open_image,
     positive_int,
     resolve_placement,
     say,
-    stack_images,
-    tile_image,
-    with_image_placeholders,
 )
 
 DEFAULT_BATCH_SIZE = 8
@@ -496,8 +492,8 @@ def _load_request(item: tuple[int, BatchRequest], spec: TileSpec, max_num: int, 
     if request.error is not None:
         return loaded
     try:
-        images = [tile_image(open_image(path), max_num, spec) for path in request.images]
-    except CLIError as exc:
+        images = [tile_image(open_image_file(path), max_num, spec) for path in request.images]
+    except ImageInputError as exc:
         loaded.error = str(exc)
         return loaded
     except Exception as exc:  # e.g. out of memory on a huge image: this request's error record, not the run's end

@@ -13,24 +13,26 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..image_inputs import (
+    TileSpec,
+    check_placeholders,
+    open_image_file,
+    stack_images,
+    tile_image,
+    with_image_placeholders,
+)
 from .common import (
     CLIError,
     ModelSource,
-    TileSpec,
     TokenCounter,
     add_max_num,
     add_placement_options,
-    check_placeholders,
     fsync_dir,
     load_model,
     model_option,
     one_line,
-    open_image,
     quiet_transformers,
     resolve_placement,
-    stack_images,
-    tile_image,
-    with_image_placeholders,
 )
 
 DEMO_MAX_NEW_TOKENS = 16
@@ -260,7 +262,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     tiny = args.model is None
     source = model_option(args.model) if not tiny else None
     started = time.perf_counter()
-    opened = open_image(args.image) if args.image is not None else None  # a bad image fails before the model loads
+    opened = open_image_file(args.image) if args.image is not None else None  # a bad image fails before the model loads
     open_seconds = time.perf_counter() - started
     placement = resolve_placement(args)
     out = sys.stdout
@@ -286,7 +288,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         sample = ensure_sample_image()
         row("image", f"{sample} ({SAMPLE_IMAGE_SIZE[0]}x{SAMPLE_IMAGE_SIZE[1]}, generated sample scene)")
         started = time.perf_counter()
-        opened = open_image(sample)
+        opened = open_image_file(sample)
         open_seconds = time.perf_counter() - started
     else:
         row("image", f"{opened.name} ({opened.image.size[0]}x{opened.image.size[1]})")
