@@ -21,10 +21,10 @@ listed in `COMMANDS`. Handlers take the parsed arguments and return an exit code
 traceback.
 
 Start-up stays cheap: the command modules import at the top only the standard library and library modules that
-import no torch, transformers, PIL or numpy themselves (`nvlm_d.conversation`, `nvlm_d.image_inputs`), and
-`import nvlm_d` imports neither torch nor transformers, so `--help`, argument errors and the parsing of every command
-cost no more than the interpreter (measured in docs/cli.md). Heavy imports (torch, transformers, PIL) happen inside
-the handlers; a test checks that `--help` and argument errors load none of them.
+import no torch, transformers, PIL or numpy themselves (`nvlm_d.conversation`, `nvlm_d.image_inputs`,
+`nvlm_d.batch_inference`), and `import nvlm_d` imports neither torch nor transformers, so `--help`, argument errors
+and the parsing of every command cost no more than the interpreter (measured in docs/cli.md). Heavy imports (torch,
+transformers, PIL) happen inside the handlers; a test checks that `--help` and argument errors load none of them.
 """
 
 from __future__ import annotations

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from ..batch_inference.results import fsync_dir  # noqa: F401  (demo's cache writes use it too)
 from ..messages import one_line
 from ..model_source import ModelSource, resolve_model
 
@@ -24,14 +23,6 @@ class CLIError(Exception):
     """Bad input or an unusable environment: printed as one `nvlm-d: error: ...` line, exit code 2."""
 
     exit_code = 2
-
-
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def say(*parts: object) -> None:
@@ -105,19 +96,6 @@ def add_max_num(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"at most N tiles per image, thumbnail not counted (default: {DEFAULT_MAX_NUM})",
     )
-
-
-def fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------------------
