@@ -31,13 +31,11 @@ def test_answer_requests_writes_what_chat_answers_and_resumes_without_repeating(
         [{"id": "a", "question": "Hello?"}, {"id": 2, "question": "Who are you?", "max_new_tokens": 2}, {"id": "x"}],
     )
     requests = read_requests(requests_file)
-    log = ResultLog(tmp_path / "answers.jsonl")
-    settings = BatchSettings(max_num=1, max_new_tokens=4)
-    try:
+    with ResultLog(tmp_path / "answers.jsonl") as log:
+        settings = BatchSettings(max_num=1, max_new_tokens=4)
         progress = answer_requests(log.pending(requests), log, tiny_model, tokenizer, settings)
-        assert log.pending(requests) == []  # a rerun has nothing to do
-    finally:
-        log.close()
+    with ResultLog(tmp_path / "answers.jsonl") as reopened:
+        assert reopened.pending(requests) == []  # a rerun has nothing left to do
     records = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert progress.records == 3
     assert [record["id"] for record in records] == ["a", 2, "x"]

@@ -1,11 +1,8 @@
 """Batch inference with NVLM-D: a JSON Lines file of requests answered into a crash-safe, resumable result log.
 
-    requests = read_requests("requests.jsonl")          # bad lines become requests carrying their error
-    log = ResultLog("answers.jsonl")                    # cuts a torn last line; knows what is done
-    try:
+    requests = read_requests("requests.jsonl")  # bad lines become requests carrying their error
+    with ResultLog("answers.jsonl") as log:  # cuts a torn last line, locks the file, knows what is done
         answer_requests(log.pending(requests), log, model, tokenizer, BatchSettings(max_num=6, max_new_tokens=1024))
-    finally:
-        log.close()
 
 One module a job: `requests` (reading and checking), `results` (the log and resuming), `prefetch` (loading images
 ahead), `planning` (which requests share a batch, records back in input order), `sampling` (a generator per

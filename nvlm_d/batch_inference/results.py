@@ -195,4 +195,11 @@ class ResultLog:
         self._count(record)
 
     def close(self) -> None:
+        """Release the lock and the file."""
         os.close(self.fd)
+
+    def __enter__(self) -> ResultLog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -111,7 +111,10 @@ def _run_batch(args: argparse.Namespace) -> int:
         if log.repaired_bytes:
             say(f"{PROG} batch: cut a half-written last record ({log.repaired_bytes} bytes) from {output_path}")
         if args.retry_errors:
-            dropped = log.drop_errors()
+            try:
+                dropped = log.drop_errors()
+            except ResultLogError as exc:  # the rewritten file could not be opened and locked again
+                raise CLIError(str(exc)) from None
             if dropped:
                 say(f"{PROG} batch: retrying {dropped} request(s) that had failed")
         todo = log.pending(requests)
