@@ -7,7 +7,7 @@ with text-only questions, every answer exactly --new-tokens greedy tokens long. 
 records through the command's own crash-safe log (one fsync a record), from a fresh output file:
 
   one at a time   the loop `nvlm-d batch` ran before: decode and tile a request's images, `chat`, write the record
-  B, prefetch N   the command's pipeline (`nvlm_d.cli.batch._answer_all`): `--batch-size B --prefetch N`
+  B, prefetch N   the command's pipeline (`nvlm_d.batch_inference.answer_requests`): `--batch-size B --prefetch N`
 
 Every repeat runs each configuration once, in an order rotated from repeat to repeat (repeat r starts with the
 r-th configuration), so that on a machine whose load changes no configuration always runs first, last or next to
@@ -41,9 +41,9 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from nvlm_d.cli import batch as batch_command
-from nvlm_d.cli.batch import ResultLog, read_requests
-from nvlm_d.cli.common import TileSpec, open_image, stack_images, tile_image
+from nvlm_d.batch_inference import BatchSettings, ResultLog, answer_requests, read_requests
+from nvlm_d.batch_inference import engine as batch_engine
+from nvlm_d.image_inputs import TileSpec, open_image_file, stack_images, tile_image
 from nvlm_d.tiny import TOKENIZER_DIR, build_benchmark_model
 
 MAX_NUM = 12
@@ -137,15 +137,15 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-def one_at_a_time(requests, log, model, tokenizer, args, clock) -> None:
+def one_at_a_time(requests, log, model, tokenizer, settings: BatchSettings, clock) -> None:
     """The loop `nvlm-d batch` ran before batching: load the images on this thread, `chat`, write the record."""
     spec = TileSpec.of(model.config)
     for request in requests:
         started = time.perf_counter()
-        images = [tile_image(open_image(path), args.max_num, spec) for path in request.images]
+        images = [tile_image(open_image_file(path), settings.max_num, spec) for path in request.images]
         clock.add("loading", time.perf_counter() - started)
         pixel_values, num_patches_list = stack_images(images)
-        generation = {"max_new_tokens": args.max_new_tokens, "do_sample": False, **request.generation}
+        generation = {"max_new_tokens": settings.max_new_tokens, "do_sample": False, **request.generation}
         answer = model.chat(tokenizer, pixel_values, request.question, generation, num_patches_list=num_patches_list)
         log.append({"id": request.id, "answer": answer, "seconds": round(time.perf_counter() - started, 3)})
 
@@ -165,8 +165,8 @@ class Result:
 
 
 def run(name, batch_size, prefetch, requests, model, tokenizer, new_tokens, clock, directory, result) -> None:
-    args = argparse.Namespace(
-        batch_size=batch_size, prefetch=prefetch, seed=0, max_num=MAX_NUM, max_new_tokens=new_tokens
+    settings = BatchSettings(
+        max_num=MAX_NUM, max_new_tokens=new_tokens, batch_size=batch_size or 1, prefetch=prefetch, seed=0
     )
     output = directory / f"{name.replace(' ', '-').replace(',', '')}.jsonl"
     output.unlink(missing_ok=True)
@@ -177,9 +177,9 @@ def run(name, batch_size, prefetch, requests, model, tokenizer, new_tokens, cloc
     try:
         with torch.no_grad():
             if batch_size is None:
-                one_at_a_time(requests, log, model, tokenizer, args, clock)
+                one_at_a_time(requests, log, model, tokenizer, settings, clock)
             else:
-                batch_command._answer_all(requests, log, model, tokenizer, args)
+                answer_requests(requests, log, model, tokenizer, settings)
     finally:
         log.close()
     result.seconds.append(time.perf_counter() - started)
@@ -199,9 +199,9 @@ def main() -> None:
     model = build_benchmark_model(seed=0)
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     clock = Clock(model)
-    batch_command._load_request = clock.timed_load(batch_command._load_request)
+    batch_engine._load_request = clock.timed_load(batch_engine._load_request)
     configs = [("one at a time", None, 0)]
-    configs += [(f"B={b}, prefetch {p}", b, p) for b in (1, 4, 8) for p in (0, batch_command.DEFAULT_PREFETCH)]
+    configs += [(f"B={b}, prefetch {p}", b, p) for b in (1, 4, 8) for p in (0, batch_engine.DEFAULT_PREFETCH)]
 
     with tempfile.TemporaryDirectory(prefix="bench_batch-") as temporary:
         directory = Path(temporary)

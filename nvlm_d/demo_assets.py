@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .durable_files import fsync_dir
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -65,26 +66,13 @@ def _source_fingerprint() -> str:
     return digest.hexdigest()[:8]
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(directory: Path) -> None:
     """Every file of `directory` and the directory itself on disk, before it is renamed into the cache."""
     for file in directory.rglob("*"):
         if file.is_file():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def ensure_tiny_checkpoint(seed: int = 0) -> tuple[Path, bool]:
@@ -122,7 +110,7 @@ def ensure_tiny_checkpoint(seed: int = 0) -> tuple[Path, bool]:
             if not all((final / name).is_file() for name in required):
                 raise
             shutil.rmtree(building, ignore_errors=True)  # another process finished first: use its copy
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise

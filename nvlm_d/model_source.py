@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .messages import one_line
+
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig
 
@@ -49,13 +51,6 @@ def resolve_model(name: str, contact_hub: bool = True) -> ModelSource:
     if not HUB_ID.fullmatch(name):
         raise ValueError(f"{name}: no such directory, and not a Hub id (owner/name)")
     return _checked_hub_model(name) if contact_hub else ModelSource(name)
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception's message on one line, at most 400 characters (transformers' and huggingface_hub's errors span
-    several lines), for messages that quote it."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def read_config(source: ModelSource) -> PreTrainedConfig:

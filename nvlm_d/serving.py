@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .memory_size import GIB, parse_memory
-from .model_source import cached_config, one_line, resolve_model
+from .messages import one_line
+from .model_source import cached_config, resolve_model
 
 if TYPE_CHECKING:
     from .configuration_nvlm_d import NVLM_D_Config

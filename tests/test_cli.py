@@ -34,10 +34,10 @@ from PIL import Image, ImageDraw
 from transformers import AutoModel, AutoTokenizer, GenerationConfig
 from transformers.utils import logging as hf_logging
 
+from nvlm_d.batch_inference import ResultLog, ResultLogError
+from nvlm_d.batch_inference.planning import GROUP_BATCHES, LoadedRequest, plan_batches
+from nvlm_d.batch_inference.prefetch import Prefetcher
 from nvlm_d.cli import main
-from nvlm_d.cli.batch import ResultLog
-from nvlm_d.cli.batching import GROUP_BATCHES, LoadedRequest, Prefetcher, plan_batches
-from nvlm_d.cli.common import CLIError
 from nvlm_d.cli.tiles import GRID_COLOR, PNG_GAP, PNG_HEADER, PNG_MARGIN
 from nvlm_d.configuration_nvlm_d import NVLM_D_Config
 from nvlm_d.conversation import image_prompt
@@ -805,7 +805,7 @@ def records_question(requests: Path, index: int) -> str:
 
 def batch_sizes_seen(monkeypatch) -> list[int]:
     """Spy on the batches `nvlm-d batch` hands to the model (in this process): their sizes, in order."""
-    from nvlm_d.cli import batch as batch_command
+    from nvlm_d.batch_inference import engine as batch_command
 
     sizes: list[int] = []
     generate = batch_command._generate
@@ -897,7 +897,7 @@ def test_batch_keeps_at_most_a_window_and_the_prefetched_batches_of_images_in_me
 ):
     """--batch-size 2 --prefetch 1: a window of 4 batches being answered plus 1 batch loaded ahead, so at most
     (4 + 1) x 2 = 10 requests' pixel values are alive at any time, whatever the length of the input."""
-    from nvlm_d.cli import batch as batch_command
+    from nvlm_d.batch_inference import engine as batch_command
 
     lock = threading.Lock()
     alive, peak, loaded_total = [0], [0], [0]
@@ -1130,7 +1130,7 @@ def test_batch_answers_a_beam_search_request(cli_main, tiny_checkpoint, tiny_mod
 def test_a_second_batch_writer_on_the_same_output_is_refused(tmp_path):
     first = ResultLog(tmp_path / "answers.jsonl")
     try:
-        with pytest.raises(CLIError, match="another process is writing"):
+        with pytest.raises(ResultLogError, match="another process is writing"):
             ResultLog(tmp_path / "answers.jsonl")
     finally:
         first.close()
@@ -1139,7 +1139,7 @@ def test_a_second_batch_writer_on_the_same_output_is_refused(tmp_path):
 def test_batch_refuses_an_output_with_a_foreign_line_in_the_middle(tmp_path):
     answers = tmp_path / "answers.jsonl"
     answers.write_text('{"id": 1, "answer": "x", "seconds": 1}\nnot a record\n{"id": 2, "answer": "y", "seconds": 1}\n')
-    with pytest.raises(CLIError, match="line 2 is not an nvlm-d batch record"):
+    with pytest.raises(ResultLogError, match="line 2 is not an nvlm-d batch record"):
         ResultLog(answers)
     assert answers.read_text().count("\n") == 3  # nothing was cut
 

@@ -16,13 +16,15 @@
 
 One module a command (demo, chat, tiles, batch, plan, serve, finetune, eval, upgrade, web), with what they share in
 common.py. Adding a command: a module whose `add_parser(commands)` adds a subparser whose defaults set `handler`,
-listed in `COMMANDS`. Handlers take the parsed arguments and return an exit code; they raise `CLIError` for bad input,
-which `main` prints as one line (`nvlm-d: error: ...`) without a traceback.
+listed in `COMMANDS`. Handlers take the parsed arguments and return an exit code; they raise `CLIError` for bad input
+(the library's `ImageInputError` counts as one), which `main` prints as one line (`nvlm-d: error: ...`) without a
+traceback.
 
-Start-up stays cheap: the command modules import only the standard library and `nvlm_d.conversation` at the top,
-and `import nvlm_d` imports neither torch nor transformers, so `--help`, argument errors and the parsing of every
-command cost no more than the interpreter (measured in docs/cli.md). Heavy imports (torch, transformers, PIL) happen
-inside the handlers; a test checks that `--help` and argument errors load none of them.
+Start-up stays cheap: the command modules import at the top only the standard library and library modules that
+import no torch, transformers, PIL or numpy themselves (`nvlm_d.conversation`, `nvlm_d.image_inputs`,
+`nvlm_d.batch_inference`), and `import nvlm_d` imports neither torch nor transformers, so `--help`, argument errors
+and the parsing of every command cost no more than the interpreter (measured in docs/cli.md). Heavy imports (torch,
+transformers, PIL) happen inside the handlers; a test checks that `--help` and argument errors load none of them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .. import __version__
+from ..image_inputs import ImageInputError
 from . import batch, chat, demo, finetune, plan, serve, tiles, upgrade, web
 from . import eval as evaluation
 from .common import PROG, CLIError, Parser, one_line, say
@@ -78,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as exc:
         say(f"{PROG}: error: {exc}")
         return exc.exit_code
+    except ImageInputError as exc:  # an image the user named, or its <image> markers: bad input, as a CLIError
+        say(f"{PROG}: error: {exc}")
+        return CLIError.exit_code
     except KeyboardInterrupt:
         say(f"{PROG}: interrupted")
         return 130

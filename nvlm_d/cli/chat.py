@@ -11,25 +11,28 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from ..image_inputs import (
+    ImageInputError,
+    TiledImage,
+    TileSpec,
+    check_placeholders,
+    open_image_file,
+    stack_images,
+    tile_image,
+    with_image_placeholders,
+)
 from .common import (
     DEFAULT_MAX_NEW_TOKENS,
     PROG,
     CLIError,
-    TiledImage,
-    TileSpec,
     add_max_num,
     add_placement_options,
-    check_placeholders,
     load_model,
     model_option,
     one_line,
-    open_image,
     resolve_placement,
     say,
-    stack_images,
     stream_answer,
-    tile_image,
-    with_image_placeholders,
 )
 
 
@@ -123,7 +126,7 @@ def _run_chat(args: argparse.Namespace) -> int:
             raise CLIError("the question is empty")
         question = with_image_placeholders(args.question, len(args.image))
         check_placeholders(question, len(args.image))
-    opened = [open_image(path) for path in args.image]  # a bad image fails at once, not after the long load
+    opened = [open_image_file(path) for path in args.image]  # a bad image fails at once, not after the long load
     placement = resolve_placement(args)
     model, tokenizer = load_model(source, placement, args.gpus)
     spec = TileSpec.of(model.config)
@@ -206,8 +209,10 @@ def _interactive_chat(
                     say(f"{PROG}: error: /image needs a path")
                     continue
                 try:
-                    image = tile_image(open_image(os.path.expanduser(argument)), max_num, TileSpec.of(model.config))
-                except CLIError as exc:
+                    image = tile_image(
+                        open_image_file(os.path.expanduser(argument)), max_num, TileSpec.of(model.config)
+                    )
+                except ImageInputError as exc:
                     say(f"{PROG}: error: {exc}")
                     continue
                 pending.append(image)
@@ -226,7 +231,7 @@ def _interactive_chat(
         )
         try:
             check_placeholders(question, len(pending))
-        except CLIError as exc:
+        except ImageInputError as exc:
             say(f"{PROG}: error: {exc}")
             continue
         pixel_values, num_patches_list = stack_images(pending)

@@ -1,22 +1,19 @@
-"""What the `nvlm-d` commands share: errors, options, image and model loading, streamed answers."""
+"""What the `nvlm-d` commands share: errors, options, model loading, streamed answers."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from ..conversation import IMAGE_PLACEHOLDER
 from ..loading import Placement
 from ..loading import load_model as load_placed_model
 from ..loading import resolve_placement as placement_for
-from ..model_source import ModelSource, one_line, resolve_model
+from ..messages import one_line
+from ..model_source import ModelSource, resolve_model
 
 PROG = "nvlm-d"
 DEFAULT_MAX_NUM = 6  # tiles per image at most (the model card's example uses 6; load_image's default is 12)
@@ -27,14 +24,6 @@ class CLIError(Exception):
     """Bad input or an unusable environment: printed as one `nvlm-d: error: ...` line, exit code 2."""
 
     exit_code = 2
-
-
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def say(*parts: object) -> None:
@@ -108,149 +97,6 @@ def add_max_num(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"at most N tiles per image, thumbnail not counted (default: {DEFAULT_MAX_NUM})",
     )
-
-
-def fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory
-    finally:
-        os.close(fd)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Images: tiling decision and pixel values
-# --------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class TileSpec:
-    """How a model cuts images: the tile side in pixels and the image tokens each tile becomes."""
-
-    size: int
-    tokens: int
-
-    @classmethod
-    def of(cls, config: Any) -> TileSpec:
-        """From an NVLM-D config (`force_image_size`, `num_image_token`)."""
-        return cls(int(config.force_image_size), int(config.num_image_token))
-
-    @classmethod
-    def default(cls) -> TileSpec:
-        """NVLM-D-72B's (its config's defaults): for commands that load no model."""
-        from ..image_tiling import TILE_SIZE, TOKENS_PER_TILE
-
-        return cls(TILE_SIZE, TOKENS_PER_TILE)
-
-
-@dataclasses.dataclass
-class TiledImage:
-    """An image as the model gets it: its tiles' pixel values and how they were cut."""
-
-    name: str
-    size: tuple[int, int]  # original width, height
-    grid: tuple[int, int]  # cols, rows
-    pixel_values: Any  # float32 tensor [num_tiles, 3, tile size, tile size]
-    spec: TileSpec
-
-    @property
-    def num_tiles(self) -> int:
-        return int(self.pixel_values.shape[0])
-
-    def describe(self) -> str:
-        cols, rows = self.grid
-        tokens = self.num_tiles * self.spec.tokens
-        if cols * rows == 1:
-            return f"grid 1x1 = 1 tile (a single tile doubles as the thumbnail; {tokens} image tokens)"
-        side = self.spec.size
-        return (
-            f"grid {cols}x{rows} (cols x rows, resized to {cols * side}x{rows * side}) + thumbnail "
-            f"= {self.num_tiles} tiles ({tokens} image tokens)"
-        )
-
-
-@dataclasses.dataclass
-class OpenedImage:
-    """An image file, decoded and converted to RGB (as `load_image` converts it), with the path it came from."""
-
-    name: str
-    image: Any  # PIL.Image.Image, mode RGB
-
-
-def open_image(path: str | os.PathLike) -> OpenedImage:
-    """Decode an image file with the library's `open_image` (as `load_image` decodes it), or raise CLIError with
-    one line saying why not. Every command opens images here, so the same bad file gives the same message
-    everywhere. Decoding needs no model: commands call this before loading one, so that a bad image fails at once."""
-    from ..image_tiling import ImageTooLargeError, InvalidImageError
-    from ..image_tiling import open_image as decode
-
-    name = os.fspath(path)
-    try:
-        return OpenedImage(name, decode(name))
-    except FileNotFoundError:
-        raise CLIError(f"image not found: {name}") from None
-    except IsADirectoryError:
-        raise CLIError(f"image is a directory, not a file: {name}") from None
-    except ImageTooLargeError as exc:
-        raise CLIError(f"image too large: {name}: {_about_the_image(exc, name)}") from None
-    except InvalidImageError as exc:
-        raise CLIError(f"cannot read image {name}: {_about_the_image(exc, name)}") from None
-    except OSError as exc:  # the file system's error (permission denied, ...), not the data's
-        raise CLIError(f"cannot read image {name}: {exc.strerror or one_line(exc)}") from None
-    except ValueError as exc:  # no pixels, or a mode that does not convert to RGB
-        raise CLIError(f"cannot read image {name}: {_about_the_image(exc, name)}") from None
-
-
-def _about_the_image(exc: Exception, name: str) -> str:
-    """The library's message without the image's name in front (the CLI's message names the path itself)."""
-    return one_line(exc).removeprefix(f"{name!r}: ")
-
-
-def tile_image(opened: OpenedImage, max_num: int, spec: TileSpec) -> TiledImage:
-    """The pixel values `load_image` gives for this image (`load_image(path, spec.size, max_num)`), and its grid."""
-    from ..image_processing_nvlm_d import load_image, select_grid
-
-    width, height = opened.image.size
-    pixel_values = load_image(opened.image, input_size=spec.size, max_num=max_num)
-    grid = select_grid(width, height, max_num=max_num, image_size=spec.size)
-    return TiledImage(opened.name, (width, height), grid, pixel_values, spec)
-
-
-def with_image_placeholders(question: str, num_new_images: int, first_index: int = 1, label: bool = False) -> str:
-    """The question with one `<image>` per new image in front, unless it already places its own.
-
-    One image gets `<image>\\n` (as `chat` itself adds); several, or `label=True`, get numbered lines
-    `Image-k: <image>\\n` starting at `first_index` (the InternVL/NVLM multi-image convention).
-    """
-    if num_new_images == 0 or IMAGE_PLACEHOLDER in question:
-        return question
-    if num_new_images == 1 and not label:
-        return f"{IMAGE_PLACEHOLDER}\n{question}"
-    lines = "".join(f"Image-{first_index + k}: {IMAGE_PLACEHOLDER}\n" for k in range(num_new_images))
-    return lines + question
-
-
-def check_placeholders(question: str, num_images: int) -> None:
-    found = question.count(IMAGE_PLACEHOLDER)
-    if found != num_images:
-        raise CLIError(
-            f"the question has {found} {IMAGE_PLACEHOLDER} marker(s) but {num_images} image(s) were given: "
-            f"use one marker per image, or none to have them put in front"
-        )
-
-
-def stack_images(images: Sequence[TiledImage]) -> tuple[Any, list[int] | None]:
-    """pixel_values and num_patches_list for `chat` (None, None without images)."""
-    if not images:
-        return None, None
-    import torch
-
-    return torch.cat([image.pixel_values for image in images]), [image.num_tiles for image in images]
 
 
 # --------------------------------------------------------------------------------------------------------

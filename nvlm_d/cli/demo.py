@@ -12,22 +12,24 @@ from pathlib import Path
 from typing import Any
 
 from ..demo_assets import SAMPLE_IMAGE_SIZE, CacheError, ensure_sample_image, ensure_tiny_checkpoint
-from .common import (
-    CLIError,
-    ModelSource,
+from ..image_inputs import (
     TileSpec,
-    TokenCounter,
-    add_max_num,
-    add_placement_options,
     check_placeholders,
-    load_model,
-    model_option,
-    open_image,
-    quiet_transformers,
-    resolve_placement,
+    open_image_file,
     stack_images,
     tile_image,
     with_image_placeholders,
+)
+from .common import (
+    CLIError,
+    ModelSource,
+    TokenCounter,
+    add_max_num,
+    add_placement_options,
+    load_model,
+    model_option,
+    quiet_transformers,
+    resolve_placement,
 )
 
 DEMO_MAX_NEW_TOKENS = 16
@@ -83,7 +85,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     tiny = args.model is None
     source = model_option(args.model) if not tiny else None
     started = time.perf_counter()
-    opened = open_image(args.image) if args.image is not None else None  # a bad image fails before the model loads
+    opened = open_image_file(args.image) if args.image is not None else None  # a bad image fails before the model loads
     open_seconds = time.perf_counter() - started
     placement = resolve_placement(args)
     out = sys.stdout
@@ -109,7 +111,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         sample = _sample_image()
         row("image", f"{sample} ({SAMPLE_IMAGE_SIZE[0]}x{SAMPLE_IMAGE_SIZE[1]}, generated sample scene)")
         started = time.perf_counter()
-        opened = open_image(sample)
+        opened = open_image_file(sample)
         open_seconds = time.perf_counter() - started
     else:
         row("image", f"{opened.name} ({opened.image.size[0]}x{opened.image.size[1]})")

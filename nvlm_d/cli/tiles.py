@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ..conversation import image_prompt, tile_tags
-from .common import CLIError, TileSpec, add_max_num, one_line, open_image
+from ..image_inputs import TileSpec, open_image_file
+from .common import CLIError, add_max_num, one_line
 
 PACKAGE_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "tokenizer"
 
@@ -136,7 +137,7 @@ def render_tiles_png(tiles: Sequence[Any], grid: tuple[int, int], title: str, ti
 
 def _run_tiles(args: argparse.Namespace) -> int:
     out, picture_format = picture_path(args.out, args.image)
-    opened = open_image(args.image)
+    opened = open_image_file(args.image)
     from ..image_tiling import dynamic_preprocess, select_grid
 
     spec = TileSpec.default()

@@ -23,6 +23,7 @@ from typing import Any
 
 from transformers.utils import logging
 
+from ..messages import one_line
 from .lora import PARTS
 
 logger = logging.get_logger(__name__)
@@ -218,12 +219,6 @@ def training_arguments(options: FinetuneOptions, cuda: bool, bf16: bool) -> Any:
     )
 
 
-def _one_line(exc: BaseException) -> str:
-    """An exception's message on one line (transformers' loading errors span several), at most 400 characters."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
-
-
 def load_model(path: str, options: FinetuneOptions, dtype: Any) -> Any:
     """The package's NVLM_D_Model (not a directory's remote code, which may be an older version) in `dtype`,
     4-bit on the decoder for QLoRA."""
@@ -242,7 +237,7 @@ def load_model(path: str, options: FinetuneOptions, dtype: Any) -> Any:
     try:
         return NVLM_D_Model.from_pretrained(path, **kwargs)
     except Exception as exc:
-        raise FinetuneError(f"cannot load the model from {path}: {_one_line(exc)}") from None
+        raise FinetuneError(f"cannot load the model from {path}: {one_line(exc)}") from None
 
 
 def prepare_model(model: Any, options: FinetuneOptions) -> Any:
