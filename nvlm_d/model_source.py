@@ -17,6 +17,8 @@ from .messages import one_line
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig
 
+RELEASED_MODEL = "nvidia/NVLM-D-72B"  # NVIDIA's checkpoint on the Hub: the commands' default model
+
 # A Hub repository id, `owner/name`, as the Hub allows them.
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from ..model_source import RELEASED_MODEL
 from .common import CLIError, Parser, add_placement_options, positive_int, resolve_placement, say
 
 DEFAULT_CONFIG = "eval/full_eval.yaml"
@@ -28,7 +29,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="card task names (chartqa, mmmu, docvqa_test, ...); duplicates are run once",
     )
     parser.add_argument(
-        "--model", default="nvidia/NVLM-D-72B", metavar="PATH", help="model directory or Hub id (hf backend)"
+        "--model", default=RELEASED_MODEL, metavar="PATH", help="model directory or Hub id (hf backend)"
     )
     parser.add_argument(
         "--backend",

@@ -232,7 +232,9 @@ def chart(collected: Sequence[TaskResult], path: Path) -> Path:
                 draw.rectangle([label_width, top, label_width + length, top + bar_height - 2], fill=colours[key])
                 draw.text((label_width + length + 4, top), f"{value:.1f}", fill="black")
         y += 3 * bar_height + gap
-    image.save(path)
+    partial = path.with_name(path.name + ".partial")
+    image.save(partial, format="PNG")
+    os.replace(partial, path)
     return path
 
 

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..model_source import RELEASED_MODEL
 from .config import load_config
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-DEFAULT_MODEL = "nvidia/NVLM-D-72B"
 
 
 @dataclasses.dataclass
@@ -23,7 +23,7 @@ class EvalRequest:
     config_path: str
     result_save_path: str
     tasks: Sequence[str]
-    model_path: str = DEFAULT_MODEL
+    model_path: str = RELEASED_MODEL
     backend: str = "hf"
     batch_size: int = 1
     limit: int | None = None
