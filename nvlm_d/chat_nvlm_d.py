@@ -161,12 +161,18 @@ def _check_num_patches(num_patches_list: Any, num_tiles: int) -> list[int]:
 
 
 class NVLMChatMixin:
-    """The card's chat API for NVLM-D's model class, which provides what it calls: `config`, `template`,
-    `num_image_token`, `img_context_token_id`, `get_input_embeddings`, `get_visual_features`, `forward` and
-    `generate` (new tokens only). `system_message` is the mixin's own: assign it to change `chat`'s system prompt."""
+    """The card's chat API for NVLM-D's model class, which provides what it calls: `config`, `num_image_token`,
+    `img_context_token_id`, `get_input_embeddings`, `get_visual_features`, `forward` and `generate` (new tokens
+    only). `template` and `system_message` are the mixin's own: assign `system_message` to change `chat`'s system
+    prompt."""
 
     # `chat`'s system prompt when none was assigned: the template's ("Answer the questions.").
     _system_message: str | None = None
+
+    @property
+    def template(self) -> str:
+        """The conversation template's name (`config.template`, "chatml"), as InternVL's model exposes it."""
+        return self.config.template
 
     @property
     def system_message(self) -> str:
