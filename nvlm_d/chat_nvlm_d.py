@@ -658,7 +658,6 @@ class ChatSession:
                 cache=self._cache,
                 generation_config=config,
                 streamer=streamer,
-                tokenizer=self.tokenizer,
                 **generate_kwargs,
             )
         except BaseException:
@@ -679,10 +678,12 @@ class ChatSession:
     def _turn_settings(self, prompt_length: int) -> tuple[GenerationConfig, dict]:
         """This turn's generation config and `generate` keywords: `repetition_penalty` and `no_repeat_ngram_size`
         become logits processors that see this turn's answer only, as `chat` applies them (the prompt, with the
-        system turn, the history and the image tokens, would otherwise count as repetitions)."""
+        system turn, the history and the image tokens, would otherwise count as repetitions). `generate` gets the
+        session's tokenizer (which `stop_strings` need) unless the settings name their own `tokenizer`, as in `chat`."""
         config = copy.deepcopy(self.config)
         processors = _on_generated_tokens_only(config, prompt_length)
         generate_kwargs = dict(self._generate_kwargs)
+        generate_kwargs.setdefault("tokenizer", self.tokenizer)
         generate_kwargs["logits_processor"] = LogitsProcessorList(
             [*generate_kwargs.get("logits_processor", []), *processors]
         )
