@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from transformers import GenerationMixin
 
+from .model_inputs import uncached_tokens
+
 # Generation inputs with one row per image tile (not per prompt).
 PER_TILE_INPUTS = ("pixel_values", "visual_features", "image_flags")
 
@@ -64,18 +66,24 @@ def drop_prompt(outputs: torch.LongTensor | Any, prompt_length: int) -> torch.Lo
 
 
 def repeat_tiles_per_prompt(
-    input_ids: torch.LongTensor,
+    input_ids: torch.LongTensor | None,
+    cache: Any | None,
     images: dict[str, torch.Tensor],
     expand_size: int,
-    image_token_id: int,
-    num_image_token: int,
+    config: Any,
 ) -> dict[str, torch.Tensor]:
     """`images` (per-tile tensors) with each prompt's tiles repeated `expand_size` times as a group: `[t0, t1]` of a
     2-tile prompt becomes `[t0, t1, t0, t1]`, so that every copy of the prompt reads its own tiles, in order.
+    (transformers' expansion repeats every row in place, `[t0, t0, t1, t1]`: each copy would read another's tiles.)
 
-    A prompt's tiles are as many as its `image_token_id` tokens make tiles of `num_image_token`; `image_flags` first
-    drops the padding tiles (flag 0), which belong to no prompt, so the expanded images need no flags.
+    A prompt's tiles are as many as its image tokens (`config.image_token_id`) not yet in `cache` make tiles of
+    `config.num_image_token`; `image_flags` first drops the padding tiles (flag 0), which belong to no prompt, so
+    the expanded images need no flags.
     """
+    if input_ids is None:
+        raise ValueError("Images need input_ids, to find the <|vision_pad|> positions their features replace")
+    image_token_id, num_image_token = config.image_token_id, config.num_image_token
+    input_ids = uncached_tokens(input_ids, cache)
     flags = images.pop("image_flags", None)
     if flags is not None:
         real = flags.reshape(-1) == 1

@@ -86,12 +86,14 @@ def uncached_tokens(input_ids: torch.LongTensor, cache: Any | None) -> torch.Lon
 
 
 def check_generate_inputs(
-    input_ids: Any, inputs_embeds: Any, has_images: bool, image_token_id: int, cache: Any | None
+    input_ids: Any, pixel_values: Any, visual_features: Any, generate_kwargs: dict, image_token_id: int
 ) -> None:
-    """`generate`'s prompt is `input_ids` (images for every image token the cache does not hold yet) or
-    `inputs_embeds` with the image features merged in (no images)."""
+    """`generate`'s prompt is `input_ids` (images for every image token the cache in `generate_kwargs` does not
+    hold yet) or `generate_kwargs["inputs_embeds"]` with the image features merged in (no images)."""
+    has_images = pixel_values is not None or visual_features is not None
+    cache = generate_kwargs.get("cache", generate_kwargs.get("past_key_values"))
     if input_ids is None:
-        if inputs_embeds is None:
+        if generate_kwargs.get("inputs_embeds") is None:
             raise ValueError("generate needs input_ids (or inputs_embeds)")
         if has_images:
             raise ValueError("Pass images with input_ids, not with inputs_embeds (their features are merged in)")
@@ -101,23 +103,20 @@ def check_generate_inputs(
         raise ValueError(f"The prompt has image tokens (id {image_token_id}) but no pixel_values were given")
 
 
-def check_forward_inputs(
-    input_ids: Any,
-    inputs_embeds: Any,
-    has_images: bool,
-    labels: Any,
-    loss_weight: Any,
-    statistics: Any,
-    loss_reduction_all_gather: bool,
-) -> None:
-    """`forward` takes exactly one of `input_ids` and `inputs_embeds`, and `input_ids` with images (to find the
-    `<|vision_pad|>` positions). Of InternVL's training keywords it honours `loss_weight` (with `labels`) and
-    refuses, rather than ignores, `statistics` (packed-batch logging) and `loss_reduction_all_gather` (a
-    collective inside forward)."""
+def check_forward_inputs(input_ids: Any, inputs_embeds: Any, pixel_values: Any, visual_features: Any) -> None:
+    """`forward` takes exactly one of `input_ids` and `inputs_embeds`, at most one of `pixel_values` and
+    `visual_features`, and `input_ids` with images (to find the `<|vision_pad|>` positions)."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids or inputs_embeds")
-    if has_images and input_ids is None:
+    if pixel_values is not None and visual_features is not None:
+        raise ValueError("Pass pixel_values or visual_features, not both")
+    if (pixel_values is not None or visual_features is not None) and input_ids is None:
         raise ValueError("Images need input_ids, to find the <|vision_pad|> positions their features replace")
+
+
+def check_training_inputs(labels: Any, loss_weight: Any, statistics: Any, loss_reduction_all_gather: bool) -> None:
+    """Of InternVL's training keywords, `forward` honours `loss_weight` (with `labels`) and refuses, rather than
+    ignores, `statistics` (packed-batch logging) and `loss_reduction_all_gather` (a collective inside forward)."""
     if statistics is not None:
         raise ValueError(
             "statistics is InternVL's logging of packed batches; NVLM-D does not use it: leave it out of the batch"
@@ -143,9 +142,11 @@ def check_packed_rows_uncached(use_cache: bool | None, attention_mask: Any, posi
         )
 
 
-def real_tiles(features: torch.Tensor, image_flags: torch.Tensor) -> torch.Tensor:
+def real_tiles(features: torch.Tensor, image_flags: torch.Tensor | None) -> torch.Tensor:
     """The rows of `features` [tiles, ...] whose `image_flags` ([tiles] or [tiles, 1]) are 1: a training batch's
-    padding tiles (flag 0, added so that the vision tower runs in every step) dropped."""
+    padding tiles (flag 0, added so that the vision tower runs in every step) dropped. All rows without flags."""
+    if image_flags is None:
+        return features
     flags = image_flags.reshape(-1)
     if flags.shape[0] != features.shape[0]:
         raise ValueError(f"image_flags has {flags.shape[0]} entries but there are {features.shape[0]} tiles")

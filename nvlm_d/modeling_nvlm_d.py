@@ -40,11 +40,11 @@ from .model_inputs import (
     check_generate_inputs,
     check_packed_rows_uncached,
     check_pixel_values,
+    check_training_inputs,
     check_vision_batch_size,
     check_visual_features,
     execution_device,
     real_tiles,
-    uncached_tokens,
 )
 from .modeling_intern_vit import InternVisionModel
 
@@ -272,9 +272,8 @@ class NVLM_D_Model(NVLMChatMixin, NVLMLoraMixin, PreTrainedModel, GenerationMixi
         `loss_reduction_all_gather` are refused with an error rather than ignored.
         """
         has_images = pixel_values is not None or visual_features is not None
-        check_forward_inputs(
-            input_ids, inputs_embeds, has_images, labels, loss_weight, statistics, loss_reduction_all_gather
-        )
+        check_forward_inputs(input_ids, inputs_embeds, pixel_values, visual_features)
+        check_training_inputs(labels, loss_weight, statistics, loss_reduction_all_gather)
         if use_cache is None and (self.training or labels is not None):
             use_cache = False
         check_packed_rows_uncached(use_cache, attention_mask, position_ids)
@@ -282,14 +281,9 @@ class NVLM_D_Model(NVLMChatMixin, NVLMLoraMixin, PreTrainedModel, GenerationMixi
             embeddings = self.get_input_embeddings()
             inputs_embeds = embeddings(input_ids.to(execution_device(embeddings)))
         if has_images and not self._images_are_cached(input_ids, cache):
-            if pixel_values is not None and visual_features is not None:
-                raise ValueError("Pass pixel_values or visual_features, not both")
-            if visual_features is not None:
-                image_features = self.project_visual_features(visual_features)
-            else:
-                image_features = self.extract_feature(pixel_values)
-            if image_flags is not None:
-                image_features = real_tiles(image_features, image_flags)
+            if visual_features is None:
+                visual_features = self.get_visual_features(pixel_values)
+            image_features = real_tiles(self.project_visual_features(visual_features), image_flags)
             inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -337,20 +331,14 @@ class NVLM_D_Model(NVLMChatMixin, NVLMLoraMixin, PreTrainedModel, GenerationMixi
         input_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> tuple[torch.LongTensor | None, dict[str, Any]]:
-        """transformers' expansion for beams and `num_return_sequences`, which repeats every tensor row by row: right
-        for the inputs with one row per prompt, wrong for the images, whose rows are tiles; those are repeated a
-        prompt's tiles at a time (`repeat_tiles_per_prompt`)."""
+        """transformers' expansion for beams and `num_return_sequences`, which repeats tensors row by row: right for
+        inputs with one row per prompt; the images, whose rows are tiles, go a prompt's tiles at a time."""
         images = {name: kwargs.pop(name) for name in PER_TILE_INPUTS if kwargs.get(name) is not None}
         expanded_ids, kwargs = super()._expand_inputs_for_generation(
             expand_size, is_encoder_decoder, input_ids, **kwargs
         )
         if images and expand_size > 1:
-            if input_ids is None:
-                raise ValueError("Images need input_ids, to find the <|vision_pad|> positions their features replace")
-            uncached = uncached_tokens(input_ids, kwargs.get("cache"))
-            images = repeat_tiles_per_prompt(
-                uncached, images, expand_size, self.img_context_token_id, self.num_image_token
-            )
+            images = repeat_tiles_per_prompt(input_ids, kwargs.get("cache"), images, expand_size, self.config)
         return expanded_ids, {**kwargs, **images}
 
     def generate(
@@ -366,21 +354,14 @@ class NVLM_D_Model(NVLMChatMixin, NVLMLoraMixin, PreTrainedModel, GenerationMixi
         contract, which its clients rely on: do not slice the prompt off), also inside a `return_dict_in_generate`
         output's `sequences`.
 
-        `input_ids` and `attention_mask` may live on any device (they go to the embeddings' device); without an
-        `attention_mask`, left padding (`<|endoftext|>`) is recognised, as in transformers' text models. Every
-        `generate` keyword works: sampling, beams, `num_return_sequences`, `assistant_model`, stop strings,
-        streamers, `cache_implementation="static"`, `compile_config`, logits processors. With beams or several
-        return sequences, every copy of a prompt reads that prompt's tiles. Instead of `input_ids`, `inputs_embeds`
-        [batch, tokens, hidden] may hold the prompt's embeddings with any image features already merged in (then
-        pass no images).
-
-        One caller gets whole sequences: transformers' `pipeline("text-generation")`, which cuts the prompt's length
-        off what `generate` returns (see `generation_nvlm_d.called_by_text_generation_pipeline`).
+        `input_ids` and `attention_mask` may live on any device; without an `attention_mask`, left padding
+        (`<|endoftext|>`) is recognised. Every `generate` keyword works (sampling, beams, `num_return_sequences`,
+        `assistant_model`, stop strings, streamers, static caches, `compile_config`, logits processors); every copy
+        of a prompt reads that prompt's tiles. `inputs_embeds` [batch, tokens, hidden] may replace `input_ids`, with
+        any image features already merged in. transformers' `pipeline("text-generation")`, which cuts the prompt off
+        itself, gets whole sequences (see `generation_nvlm_d`).
         """
-        cache = generate_kwargs.get("cache", generate_kwargs.get("past_key_values"))
-        has_images = pixel_values is not None or visual_features is not None
-        inputs_embeds = generate_kwargs.get("inputs_embeds")
-        check_generate_inputs(input_ids, inputs_embeds, has_images, self.img_context_token_id, cache)
+        check_generate_inputs(input_ids, pixel_values, visual_features, generate_kwargs, self.img_context_token_id)
         if input_ids is None:
             return super().generate(
                 attention_mask=attention_mask, generation_config=generation_config, **generate_kwargs
