@@ -173,25 +173,26 @@ class NVLM_D_Model(NVLMChatMixin, NVLMLoraMixin, PreTrainedModel, GenerationMixi
             return blocks.permute(0, 3, 1, 2, 4, 5).reshape(tiles, cols // k, rows // k, k * k * channels)
         return blocks.permute(0, 1, 3, 2, 4, 5).reshape(tiles, rows // k, cols // k, k * k * channels)
 
+    def _encode_tiles(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk of tiles -> (the selected ViT hidden state, its pixel-shuffled patch tokens)."""
+        select_layer = self.config.select_layer
+        outputs = self.vision_model(pixel_values, output_hidden_states=select_layer != -1, return_dict=True)
+        hidden = outputs.last_hidden_state if select_layer == -1 else outputs.hidden_states[select_layer]
+        patches = hidden[:, 1:, :]  # the class token is dropped
+        grid = round(patches.shape[1] ** 0.5)
+        shuffled = self.pixel_shuffle(patches.reshape(patches.shape[0], grid, grid, -1), self.config.downsample_ratio)
+        return hidden, shuffled.reshape(shuffled.shape[0], -1, shuffled.shape[-1])
+
     def _encode(self, pixel_values: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Checked pixel values -> (the selected ViT hidden state, its pixel-shuffled patch tokens), computed
-        `vision_batch_size` tiles at a time."""
+        """Checked pixel values -> (ViT hidden state, visual features), `vision_batch_size` tiles at a time (each
+        chunk's intermediates freed before the next)."""
         pixel_values = check_pixel_values(pixel_values, self.config)
         dtype = self.vision_model.embeddings.patch_embedding.weight.dtype
         pixel_values = pixel_values.to(device=execution_device(self.vision_model), dtype=dtype)
-        select_layer = self.config.select_layer
-        hidden_states, features = [], []
-        for chunk in pixel_values.split(self.vision_batch_size or pixel_values.shape[0]):
-            outputs = self.vision_model(chunk, output_hidden_states=select_layer != -1, return_dict=True)
-            hidden = outputs.last_hidden_state if select_layer == -1 else outputs.hidden_states[select_layer]
-            patches = hidden[:, 1:, :]  # the class token is dropped
-            grid = round(patches.shape[1] ** 0.5)
-            shuffled = self.pixel_shuffle(patches.reshape(len(chunk), grid, grid, -1), self.config.downsample_ratio)
-            hidden_states.append(hidden)
-            features.append(shuffled.reshape(len(chunk), -1, shuffled.shape[-1]))
-        if len(features) == 1:  # all tiles at once: no copy through torch.cat
-            return hidden_states[0], features[0]
-        return torch.cat(hidden_states), torch.cat(features)
+        parts = [self._encode_tiles(part) for part in pixel_values.split(self.vision_batch_size or len(pixel_values))]
+        if len(parts) == 1:  # all tiles at once: no copy through torch.cat
+            return parts[0]
+        return torch.cat([hidden for hidden, _ in parts]), torch.cat([features for _, features in parts])
 
     def get_visual_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[tiles, 3, 448, 448] -> the pixel-shuffled ViT outputs [tiles, 256, 12800] that `chat(visual_features=...)`,
