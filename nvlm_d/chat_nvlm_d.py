@@ -161,12 +161,18 @@ def _check_num_patches(num_patches_list: Any, num_tiles: int) -> list[int]:
 
 
 class NVLMChatMixin:
-    """The card's chat API for NVLM-D's model class, which provides what it calls: `config`, `template`,
-    `num_image_token`, `img_context_token_id`, `get_input_embeddings`, `get_visual_features`, `forward` and
-    `generate` (new tokens only). `system_message` is the mixin's own: assign it to change `chat`'s system prompt."""
+    """The card's chat API for NVLM-D's model class, which provides what it calls: `config`, `num_image_token`,
+    `img_context_token_id`, `get_input_embeddings`, `get_visual_features`, `forward` and `generate` (new tokens
+    only). `template` and `system_message` are the mixin's own: assign `system_message` to change `chat`'s system
+    prompt."""
 
     # `chat`'s system prompt when none was assigned: the template's ("Answer the questions.").
     _system_message: str | None = None
+
+    @property
+    def template(self) -> str:
+        """The conversation template's name (`config.template`, "chatml"), as InternVL's model exposes it."""
+        return self.config.template
 
     @property
     def system_message(self) -> str:
@@ -652,7 +658,6 @@ class ChatSession:
                 cache=self._cache,
                 generation_config=config,
                 streamer=streamer,
-                tokenizer=self.tokenizer,
                 **generate_kwargs,
             )
         except BaseException:
@@ -673,10 +678,12 @@ class ChatSession:
     def _turn_settings(self, prompt_length: int) -> tuple[GenerationConfig, dict]:
         """This turn's generation config and `generate` keywords: `repetition_penalty` and `no_repeat_ngram_size`
         become logits processors that see this turn's answer only, as `chat` applies them (the prompt, with the
-        system turn, the history and the image tokens, would otherwise count as repetitions)."""
+        system turn, the history and the image tokens, would otherwise count as repetitions). `generate` gets the
+        session's tokenizer (which `stop_strings` need) unless the settings name their own `tokenizer`, as in `chat`."""
         config = copy.deepcopy(self.config)
         processors = _on_generated_tokens_only(config, prompt_length)
         generate_kwargs = dict(self._generate_kwargs)
+        generate_kwargs.setdefault("tokenizer", self.tokenizer)
         generate_kwargs["logits_processor"] = LogitsProcessorList(
             [*generate_kwargs.get("logits_processor", []), *processors]
         )

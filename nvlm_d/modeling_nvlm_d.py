@@ -9,7 +9,8 @@ device: inputs go where the module that reads them executes, so any accelerate d
 
 The model card's chat API (`chat`, `batch_chat`, `start_chat`, ...) comes from `chat_nvlm_d.NVLMChatMixin` and
 InternVL's LoRA helpers (`wrap_llm_lora`, `wrap_backbone_lora`) from `lora_nvlm_d.NVLMLoraMixin`: base classes of
-`NVLM_D_Model`, in modules that import nothing from this one.
+`NVLM_D_Model`. Input checks live in `model_inputs`, and the adapters of the `generate` contract (new tokens only;
+draft models; tiles repeated per prompt) in `generation_nvlm_d`. None of these modules imports this one.
 """
 
 from __future__ import annotations
@@ -26,14 +27,28 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .chat_nvlm_d import NVLMChatMixin
 from .configuration_nvlm_d import NVLM_D_Config
+from .generation_nvlm_d import (
+    PER_TILE_INPUTS,
+    DraftModel,
+    called_by_text_generation_pipeline,
+    drop_prompt,
+    repeat_tiles_per_prompt,
+)
 from .lora_nvlm_d import NVLMLoraMixin
-from .model_inputs import check_pixel_values, check_visual_features, execution_device
+from .model_inputs import (
+    check_forward_inputs,
+    check_generate_inputs,
+    check_packed_rows_uncached,
+    check_pixel_values,
+    check_training_inputs,
+    check_vision_batch_size,
+    check_visual_features,
+    execution_device,
+    real_tiles,
+)
 from .modeling_intern_vit import InternVisionModel
 
 logger = logging.get_logger(__name__)
-
-# Generation inputs with one row per image tile (not per prompt): expanded for beams a prompt's tiles at a time.
-_PER_TILE_INPUTS = ("pixel_values", "visual_features", "image_flags")
 
 
 def _apply_use_flash_attn(config: NVLM_D_Config, use_flash_attn: bool | None) -> None:
@@ -45,32 +60,6 @@ def _apply_use_flash_attn(config: NVLM_D_Config, use_flash_attn: bool | None) ->
     else:
         logger.warning_once("use_flash_attn=True but flash-attn is not installed: using PyTorch SDPA attention.")
         config._attn_implementation = "sdpa"
-
-
-class _DraftModel:
-    """An `assistant_model` as transformers' assisted decoding calls it: its `generate` must return whole sequences
-    (NVLM-D's own returns the new tokens only), and a text-only draft (a small Qwen2) must not be handed the images,
-    which the candidate generator passes on with every other model keyword."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.model, name)
-
-    def generate(self, **kwargs) -> Any:
-        if isinstance(self.model, NVLM_D_Model):
-            return GenerationMixin.generate(self.model, **kwargs)
-        for name in _PER_TILE_INPUTS:
-            kwargs.pop(name, None)
-        return self.model.generate(**kwargs)
-
-
-def _restarts_positions(position_ids: torch.Tensor | None) -> bool:
-    """Whether `position_ids` [batch, tokens] hold packed examples: positions that do not count up by one."""
-    if position_ids is None or position_ids.ndim != 2 or position_ids.shape[1] < 2:
-        return False
-    return bool((position_ids.diff(dim=-1) != 1).any())
 
 
 def _weighted_loss(logits: torch.Tensor, labels: torch.Tensor, loss_weight: Any) -> torch.Tensor:
@@ -86,14 +75,19 @@ def _weighted_loss(logits: torch.Tensor, labels: torch.Tensor, loss_weight: Any)
     return (losses * shift_weights).sum() / shift_weights.sum()
 
 
-def _called_by_text_generation_pipeline() -> bool:
-    """Whether the caller of `NVLM_D_Model.generate` (two frames up from here) is transformers' text-generation
-    pipeline. Looked up in `sys.modules` only: a process that never loaded the pipeline does not import it."""
-    pipelines = sys.modules.get("transformers.pipelines.text_generation")
-    if pipelines is None:
-        return False
-    caller = sys._getframe(2).f_locals.get("self")
-    return isinstance(caller, pipelines.TextGenerationPipeline)
+class NVLMProjector(nn.Sequential):
+    """`mlp1`: LayerNorm -> Linear -> GELU -> Linear, from the pixel-shuffled ViT width (4 x 3200) through the
+    decoder's intermediate size to its hidden size. A `Sequential`: the checkpoint names its weights `mlp1.0` ..."""
+
+    def __init__(self, config: NVLM_D_Config) -> None:
+        vit_hidden = config.vision_config.hidden_size * round(1 / config.downsample_ratio) ** 2
+        llm = config.llm_config
+        super().__init__(
+            nn.LayerNorm(vit_hidden),
+            nn.Linear(vit_hidden, llm.intermediate_size, bias=False),
+            nn.GELU(),
+            nn.Linear(llm.intermediate_size, llm.hidden_size, bias=False),
+        )
 
 
 class NVLM_D_Model(NVLMChatMixin, NVLMLoraMixin, PreTrainedModel, GenerationMixin):
@@ -117,44 +111,27 @@ class NVLM_D_Model(NVLMChatMixin, NVLMLoraMixin, PreTrainedModel, GenerationMixi
         """`use_flash_attn` is the model card's switch (flash-attn when installed, else SDPA); an explicit
         `attn_implementation` wins over it. `vision_batch_size` bounds how many tiles go through the vision tower
         at once (None: all), trading speed for peak memory; results do not change."""
-        if vision_batch_size is not None and (
-            isinstance(vision_batch_size, bool) or not isinstance(vision_batch_size, int) or vision_batch_size < 1
-        ):
-            raise ValueError(f"vision_batch_size must be a positive int or None, got {vision_batch_size!r}")
+        check_vision_batch_size(vision_batch_size)
         _apply_use_flash_attn(config, use_flash_attn)
         super().__init__(config)
         self.vision_batch_size = vision_batch_size
-
-        # Modules in the order data flows through them: accelerate fills devices in this order, so the vision tower
-        # and the projector land beside the decoder's embeddings.
+        # In the order data flows through them: accelerate fills devices in this order, so the vision tower and the
+        # projector land beside the decoder's embeddings.
         self.vision_model = vision_model if vision_model is not None else InternVisionModel(config.vision_config)
-        vit_hidden = config.vision_config.hidden_size * round(1 / config.downsample_ratio) ** 2
-        llm = config.llm_config
-        self.mlp1 = nn.Sequential(
-            nn.LayerNorm(vit_hidden),
-            nn.Linear(vit_hidden, llm.intermediate_size, bias=False),
-            nn.GELU(),
-            nn.Linear(llm.intermediate_size, llm.hidden_size, bias=False),
-        )
+        self.mlp1 = NVLMProjector(config)
         self.language_model = language_model if language_model is not None else Qwen2ForCausalLM(config.llm_config)
         self.post_init()
         self._wrap_saved_lora()
         if self.generation_config.pad_token_id is None:
             # Qwen2's tokenizer pads with <|endoftext|>, the id the decoder config calls bos_token_id; knowing it,
             # `generate` infers the attention mask of left-padded input_ids passed without one.
+            llm = config.llm_config
             self.generation_config.pad_token_id = llm.pad_token_id if llm.pad_token_id is not None else llm.bos_token_id
 
-    # ----------------------------------------------------------------------------------------------------------
-    # What InternVL-style code reads off the model (all derived from the config)
-    # ----------------------------------------------------------------------------------------------------------
     @property
     def num_image_token(self) -> int:
         """Decoder tokens per tile (256)."""
         return self.config.num_image_token
-
-    @property
-    def template(self) -> str:
-        return self.config.template
 
     @property
     def img_context_token_id(self) -> int:
@@ -182,15 +159,10 @@ class NVLM_D_Model(NVLMChatMixin, NVLMLoraMixin, PreTrainedModel, GenerationMixi
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.language_model.set_output_embeddings(new_embeddings)
 
-    # ----------------------------------------------------------------------------------------------------------
-    # Image features
-    # ----------------------------------------------------------------------------------------------------------
     def pixel_shuffle(self, x: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
         """[tiles, rows, cols, c] -> [tiles, rows * s, cols * s, c / s^2]: each output cell concatenates a
         1/s x 1/s block of input cells (for s = 0.5, in the order top-left, top-right, bottom-left, bottom-right).
-
-        `ps_version` v2 keeps the row-major grid; v1 (the original InternVL order) leaves it transposed.
-        """
+        `ps_version` v2 keeps the row-major grid; v1 (the original InternVL order) leaves it transposed."""
         tiles, rows, cols, channels = x.shape
         k = round(1 / scale_factor)
         # cell (i, j) of the output gathers input cells (k i + a, k j + b), ordered by a, then b, then channel: one
@@ -212,22 +184,20 @@ class NVLM_D_Model(NVLMChatMixin, NVLMLoraMixin, PreTrainedModel, GenerationMixi
         return hidden, shuffled.reshape(shuffled.shape[0], -1, shuffled.shape[-1])
 
     def _encode(self, pixel_values: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Checked pixel values -> (ViT hidden state, visual features), `vision_batch_size` tiles at a time."""
+        """Checked pixel values -> (ViT hidden state, visual features), `vision_batch_size` tiles at a time (each
+        chunk's intermediates freed before the next)."""
         pixel_values = check_pixel_values(pixel_values, self.config)
-        first_param = self.vision_model.embeddings.patch_embedding.weight
-        pixel_values = pixel_values.to(device=execution_device(self.vision_model), dtype=first_param.dtype)
-        chunk = self.vision_batch_size or pixel_values.shape[0]
-        parts = [self._encode_tiles(part) for part in pixel_values.split(chunk)]
+        dtype = self.vision_model.embeddings.patch_embedding.weight.dtype
+        pixel_values = pixel_values.to(device=execution_device(self.vision_model), dtype=dtype)
+        parts = [self._encode_tiles(part) for part in pixel_values.split(self.vision_batch_size or len(pixel_values))]
         if len(parts) == 1:  # all tiles at once: no copy through torch.cat
             return parts[0]
         return torch.cat([hidden for hidden, _ in parts]), torch.cat([features for _, features in parts])
 
     def get_visual_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[tiles, 3, 448, 448] -> the pixel-shuffled ViT outputs [tiles, 256, 12800] that `chat(visual_features=...)`,
-        `generate` and `forward` accept in place of `pixel_values` (the projector `mlp1` still runs on them).
-
-        Use it to encode an image once and ask several questions about it, or to cache features on disk.
-        """
+        `generate` and `forward` accept in place of `pixel_values` (the projector `mlp1` still runs on them): encode
+        an image once to ask several questions about it, or to cache its features on disk."""
         return self._encode(pixel_values)[1]
 
     def project_visual_features(self, visual_features: Any) -> torch.Tensor:
@@ -248,62 +218,26 @@ class NVLM_D_Model(NVLMChatMixin, NVLMLoraMixin, PreTrainedModel, GenerationMixi
         )
 
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The reference's name: [tiles, 3, 448, 448] -> image features [tiles, 256, llm hidden size].
-
-        `pixel_values` (any float dtype and device) are cast to the vision tower's dtype and device. When
-        `vision_batch_size` is set, tiles go through the tower that many at a time, bounding activation memory; the
-        result is the same.
-        """
+        """The reference's name: [tiles, 3, 448, 448] (any float dtype and device) -> image features
+        [tiles, 256, llm hidden size]."""
         return self.project_visual_features(self.get_visual_features(pixel_values))
-
-    def _image_features(
-        self,
-        pixel_values: torch.Tensor | None,
-        visual_features: torch.Tensor | None,
-        image_flags: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Decoder-ready features of the real tiles: from `visual_features` when given, else from `pixel_values`;
-        `image_flags` ([tiles] or [tiles, 1], 1 for a real tile) drops the padding tiles of a training batch."""
-        if pixel_values is not None and visual_features is not None:
-            raise ValueError("Pass pixel_values or visual_features, not both")
-        if visual_features is not None:
-            features = self.project_visual_features(visual_features)
-        else:
-            features = self.extract_feature(pixel_values)
-        if image_flags is not None:
-            flags = image_flags.reshape(-1)
-            if flags.shape[0] != features.shape[0]:
-                raise ValueError(f"image_flags has {flags.shape[0]} entries but there are {features.shape[0]} tiles")
-            features = features[flags.to(features.device) == 1]
-        return features
 
     def merge_image_features(
         self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
     ) -> torch.Tensor:
-        """Replace the embedding of every `<|vision_pad|>` position, in order, by one image token.
-
-        Raises:
-            ValueError: the number of `<|vision_pad|>` tokens differs from the number of image tokens.
-        """
+        """Replace the embedding of every `<|vision_pad|>` position, in order, by one image token; a ValueError when
+        their numbers differ."""
         mask = input_ids == self.img_context_token_id
-        num_placeholders = int(mask.sum())
         image_tokens = image_features.reshape(-1, image_features.shape[-1])
-        if num_placeholders != image_tokens.shape[0]:
+        if int(mask.sum()) != image_tokens.shape[0]:
             raise ValueError(
-                f"The prompt has {num_placeholders} image tokens (id {self.img_context_token_id}) but the images give "
+                f"The prompt has {int(mask.sum())} image tokens (id {self.img_context_token_id}) but the images give "
                 f"{image_tokens.shape[0]} features ({image_features.shape[0]} tiles x {self.num_image_token}); "
                 "build the prompt with the same num_patches_list as the pixel_values."
             )
         mask = mask.unsqueeze(-1).to(inputs_embeds.device)
         return inputs_embeds.masked_scatter(mask, image_tokens.to(inputs_embeds.device, inputs_embeds.dtype))
 
-    def _embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        embeddings = self.get_input_embeddings()
-        return embeddings(input_ids.to(execution_device(embeddings)))
-
-    # ----------------------------------------------------------------------------------------------------------
-    # Forward and generation
-    # ----------------------------------------------------------------------------------------------------------
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -334,38 +268,23 @@ class NVLM_D_Model(NVLMChatMixin, NVLMLoraMixin, PreTrainedModel, GenerationMixi
         Training: `image_flags` (1 per real tile, 0 per padding tile) drops the tiles a collator added so that the
         vision tower runs in every step. In training mode, or with `labels`, `use_cache` defaults to False: a KV
         cache would stop transformers from recognising packed rows (several examples in one row, `position_ids`
-        restarting at 0 and no `attention_mask`), whose examples must not attend to each other. `loss_weight`
-        (InternVL's per-token weights, shaped like `labels`) makes the loss the weighted mean of the per-token
-        losses, sum(w * loss) / sum(w), over the shifted positions. InternVL's `statistics` (packed-batch logging)
-        and `loss_reduction_all_gather` (a collective inside forward) are refused with an error rather than
-        ignored.
+        restarting at 0 and no `attention_mask`). `loss_weight` (InternVL's per-token weights, shaped like `labels`)
+        makes the loss sum(w * loss) / sum(w) over the shifted positions. InternVL's `statistics` and
+        `loss_reduction_all_gather` are refused with an error rather than ignored.
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
-        if statistics is not None:
-            raise ValueError(
-                "statistics is InternVL's logging of packed batches; NVLM-D does not use it: leave it out of the batch"
-            )
-        if loss_reduction_all_gather:
-            raise ValueError(
-                "loss_reduction_all_gather would need a collective inside forward, which NVLM-D does not do: average "
-                "the loss weights across ranks in the data pipeline instead"
-            )
-        if loss_weight is not None and labels is None:
-            raise ValueError("loss_weight weighs the loss of labels: pass labels too")
+        has_images = pixel_values is not None or visual_features is not None
+        check_forward_inputs(input_ids, inputs_embeds, pixel_values, visual_features)
+        check_training_inputs(labels, loss_weight, statistics, loss_reduction_all_gather)
         if use_cache is None and (self.training or labels is not None):
             use_cache = False
-        if use_cache and attention_mask is None and _restarts_positions(position_ids):
-            raise ValueError(
-                "position_ids restart inside a row (packed examples) and use_cache=True: a KV cache stops transformers "
-                "from isolating the examples' attention; pass use_cache=False"
-            )
+        check_packed_rows_uncached(use_cache, attention_mask, position_ids)
         if inputs_embeds is None:
-            inputs_embeds = self._embed(input_ids)
-        if (pixel_values is not None or visual_features is not None) and not self._images_are_cached(input_ids, cache):
-            if input_ids is None:
-                raise ValueError("Images need input_ids, to find the <|vision_pad|> positions their features replace")
-            image_features = self._image_features(pixel_values, visual_features, image_flags)
+            embeddings = self.get_input_embeddings()
+            inputs_embeds = embeddings(input_ids.to(execution_device(embeddings)))
+        if has_images and not self._images_are_cached(input_ids, cache):
+            if visual_features is None:
+                visual_features = self.get_visual_features(pixel_values)
+            image_features = real_tiles(self.project_visual_features(visual_features), image_flags)
             inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -385,19 +304,15 @@ class NVLM_D_Model(NVLMChatMixin, NVLMLoraMixin, PreTrainedModel, GenerationMixi
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return outputs if return_dict else outputs.to_tuple()
 
-    def _images_are_cached(self, input_ids: torch.LongTensor | None, cache: Any | None) -> bool:
+    def _images_are_cached(self, input_ids: torch.LongTensor, cache: Any | None) -> bool:
         """Whether the images were read into `cache` already: generation continued from a cache (a later call of
         assisted decoding's draft model, a follow-up turn) passes them again with only the uncached tokens."""
-        if input_ids is None or cache is None or cache.get_seq_length() == 0:
+        if cache is None or cache.get_seq_length() == 0:
             return False
         return not bool((input_ids == self.img_context_token_id).any())
 
     def prepare_inputs_for_generation(
-        self,
-        *args,
-        inputs_embeds: torch.Tensor | None = None,
-        is_first_iteration: bool | None = False,
-        **kwargs,
+        self, *args, inputs_embeds: torch.Tensor | None = None, is_first_iteration: bool | None = False, **kwargs
     ) -> dict:
         """transformers' preparation, which passes `pixel_values` at prefill only; `visual_features` and
         `image_flags` likewise (later steps read the image through the KV cache). `inputs_embeds` is named in the
@@ -415,55 +330,17 @@ class NVLM_D_Model(NVLMChatMixin, NVLMLoraMixin, PreTrainedModel, GenerationMixi
         expand_size: int = 1,
         is_encoder_decoder: bool = False,
         input_ids: torch.LongTensor | None = None,
-        **model_kwargs,
+        **kwargs,
     ) -> tuple[torch.LongTensor | None, dict[str, Any]]:
-        """transformers' expansion for beams and `num_return_sequences`, which repeats every tensor row by row: right
-        for inputs with one row per prompt, wrong for the images, which have one row per tile. `[t0, t1]` of a 2-tile
-        prompt would become `[t0, t0, t1, t1]`, and each copy of the prompt would read another copy's tiles. Here each
-        prompt's tiles are repeated as one group (`[t0, t1, t0, t1]`), so that every copy reads its own, in order."""
-        images = {name: model_kwargs.pop(name) for name in _PER_TILE_INPUTS if model_kwargs.get(name) is not None}
-        expanded_ids, model_kwargs = super()._expand_inputs_for_generation(
-            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        """transformers' expansion for beams and `num_return_sequences`, which repeats tensors row by row: right for
+        inputs with one row per prompt; the images, whose rows are tiles, go a prompt's tiles at a time."""
+        images = {name: kwargs.pop(name) for name in PER_TILE_INPUTS if kwargs.get(name) is not None}
+        expanded_ids, kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **kwargs
         )
         if images and expand_size > 1:
-            if input_ids is None:
-                raise ValueError("Images need input_ids, to find the <|vision_pad|> positions their features replace")
-            cache = model_kwargs.get("cache")
-            uncached = input_ids[:, cache.get_seq_length() :] if cache is not None else input_ids
-            images = self._repeat_tiles_per_prompt(uncached, images, expand_size)
-        model_kwargs.update(images)
-        return expanded_ids, model_kwargs
-
-    def _repeat_tiles_per_prompt(
-        self, input_ids: torch.LongTensor, images: dict[str, torch.Tensor], expand_size: int
-    ) -> dict[str, torch.Tensor]:
-        """`images` (per-tile tensors) with each prompt's tiles repeated `expand_size` times as a group. A prompt's
-        tiles are as many as its `<|vision_pad|>` tokens make tiles; `image_flags` first drops the padding tiles
-        (flag 0), which belong to no prompt, so the expanded images need no flags."""
-        flags = images.pop("image_flags", None)
-        if flags is not None:
-            real = flags.reshape(-1) == 1
-            for name, tiles in images.items():
-                if real.shape[0] != tiles.shape[0]:
-                    raise ValueError(f"image_flags has {real.shape[0]} entries but there are {tiles.shape[0]} tiles")
-                images[name] = tiles[real.to(tiles.device)]
-        tokens = (input_ids == self.img_context_token_id).sum(dim=1).tolist()
-        if any(count % self.num_image_token for count in tokens):
-            raise ValueError(
-                f"Each prompt's image tokens (id {self.img_context_token_id}) must be whole tiles of "
-                f"{self.num_image_token}; the prompts have {tokens}"
-            )
-        tiles_per_prompt = [count // self.num_image_token for count in tokens]
-        expanded = {}
-        for name, tiles in images.items():
-            if sum(tiles_per_prompt) != tiles.shape[0]:
-                raise ValueError(
-                    f"The prompts' image tokens make {sum(tiles_per_prompt)} tiles ({tiles_per_prompt} per prompt) but "
-                    f"{name} holds {tiles.shape[0]}; build the prompts with the same num_patches_list as the images."
-                )
-            groups = tiles.split(tiles_per_prompt)
-            expanded[name] = torch.cat([group for group in groups for _ in range(expand_size)])
-        return expanded
+            images = repeat_tiles_per_prompt(input_ids, kwargs.get("cache"), images, expand_size, self.config)
+        return expanded_ids, {**kwargs, **images}
 
     def generate(
         self,
@@ -478,38 +355,23 @@ class NVLM_D_Model(NVLMChatMixin, NVLMLoraMixin, PreTrainedModel, GenerationMixi
         contract, which its clients rely on: do not slice the prompt off), also inside a `return_dict_in_generate`
         output's `sequences`.
 
-        `input_ids` and `attention_mask` may live on any device (they go to the embeddings' device); without an
-        `attention_mask`, left padding (`<|endoftext|>`) is recognised, as in transformers' text models. Every
-        `generate` keyword works: sampling, beams, `num_return_sequences`, `assistant_model`, stop strings,
-        streamers, `cache_implementation="static"`, `compile_config`, logits processors. With beams or several
-        return sequences, every copy of a prompt reads that prompt's tiles.
-
-        Instead of `input_ids`, `inputs_embeds` [batch, tokens, hidden] may hold the prompt's embeddings with any image
-        features already merged in (then pass no images).
-
-        One caller gets whole sequences (prompt and new tokens): transformers' `pipeline("text-generation")`, which
-        cuts the prompt's length off what `generate` returns, as for every causal LM; given the new tokens only, it
-        would answer with empty strings.
+        `input_ids` and `attention_mask` may live on any device; without an `attention_mask`, left padding
+        (`<|endoftext|>`) is recognised. Every `generate` keyword works (sampling, beams, `num_return_sequences`,
+        `assistant_model`, stop strings, streamers, static caches, `compile_config`, logits processors); every copy
+        of a prompt reads that prompt's tiles. `inputs_embeds` [batch, tokens, hidden] may replace `input_ids`, with
+        any image features already merged in. transformers' `pipeline("text-generation")`, which cuts the prompt off
+        itself, gets whole sequences (see `generation_nvlm_d`).
         """
+        check_generate_inputs(input_ids, pixel_values, visual_features, generate_kwargs, self.img_context_token_id)
         if input_ids is None:
-            if "inputs_embeds" not in generate_kwargs:
-                raise ValueError("generate needs input_ids (or inputs_embeds)")
-            if pixel_values is not None or visual_features is not None:
-                raise ValueError("Pass images with input_ids, not with inputs_embeds (their features are merged in)")
             return super().generate(
                 attention_mask=attention_mask, generation_config=generation_config, **generate_kwargs
             )
         if generate_kwargs.get("assistant_model") is not None:
-            generate_kwargs["assistant_model"] = _DraftModel(generate_kwargs["assistant_model"])
-        input_ids = self._check_input_ids(input_ids).to(execution_device(self.get_input_embeddings()))
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(input_ids.device)
-        cache = generate_kwargs.get("cache", generate_kwargs.get("past_key_values"))
-        uncached = input_ids[:, cache.get_seq_length() :] if cache is not None else input_ids
-        if pixel_values is None and visual_features is None and bool((uncached == self.img_context_token_id).any()):
-            raise ValueError(
-                f"The prompt has image tokens (id {self.img_context_token_id}) but no pixel_values were given"
-            )
+            assistant = generate_kwargs["assistant_model"]
+            generate_kwargs["assistant_model"] = DraftModel(assistant, reads_images=isinstance(assistant, NVLM_D_Model))
+        input_ids = input_ids.to(self.device)
+        attention_mask = attention_mask.to(input_ids.device) if attention_mask is not None else None
         outputs = super().generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -518,21 +380,8 @@ class NVLM_D_Model(NVLMChatMixin, NVLMLoraMixin, PreTrainedModel, GenerationMixi
             generation_config=generation_config,
             **generate_kwargs,
         )
-        prompt_length = 0 if _called_by_text_generation_pipeline() else input_ids.shape[1]
-        if isinstance(outputs, torch.Tensor):
-            return outputs[:, prompt_length:]
-        outputs.sequences = outputs.sequences[:, prompt_length:]
-        return outputs
-
-    @staticmethod
-    def _check_input_ids(input_ids: Any) -> torch.LongTensor:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int):
-            raise TypeError(
-                f"input_ids must be an integer torch.Tensor, got {getattr(input_ids, 'dtype', type(input_ids))}"
-            )
-        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must have shape [batch, prompt_length > 0], got {list(input_ids.shape)}")
-        return input_ids
+        whole_sequences = called_by_text_generation_pipeline(sys._getframe(1))
+        return drop_prompt(outputs, 0 if whole_sequences else input_ids.shape[1])
 
 
 NVLM_D_Model.register_for_auto_class("AutoModel")

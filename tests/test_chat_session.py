@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import AutoModel
@@ -147,6 +149,16 @@ PENALISED = {"max_new_tokens": 8, "do_sample": False, "repetition_penalty": 1.5,
 def test_repetition_settings_see_only_the_answer_in_a_session_as_in_chat(tiny_model, tokenizer):
     answers, _ = session_answers(tiny_model, tokenizer, ONE_IMAGE[:2], PENALISED)
     assert answers == chat_from_scratch(tiny_model, tokenizer, ONE_IMAGE[:2], PENALISED)
+
+
+def test_a_tokenizer_in_the_settings_serves_the_stop_strings_as_in_chat(tiny_model, tokenizer):
+    question = TEXT_ONLY[0][0]
+    unstopped = tiny_model.chat(tokenizer, None, question, GREEDY)
+    stop = re.search(r"[A-Za-z]{4,}", unstopped).group()  # a word inside the random weights' answer
+    settings = {**GREEDY, "stop_strings": [stop], "tokenizer": tokenizer}
+    answer = tiny_model.start_chat(tokenizer, settings).ask(question)
+    assert answer == tiny_model.chat(tokenizer, None, question, settings)
+    assert answer.endswith(stop) and len(answer) < len(unstopped)
 
 
 def cached_layers(session) -> list[torch.Tensor]:

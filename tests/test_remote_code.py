@@ -172,6 +172,19 @@ def test_every_remote_code_module_stands_at_the_repository_root_as_a_link_into_t
     assert sorted(path.name for path in repo_root.glob("*.py") if not path.is_symlink()) == ["run_eval.py"]
 
 
+def test_no_remote_code_module_imports_one_that_imports_it_back():
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    imports = {
+        name: {f"{module}.py" for module in get_relative_imports(PACKAGE_DIR / name)} for name in remote_code_files()
+    }
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        return any(n == target or (n not in seen and reaches(n, target, seen | {n})) for n in imports[start])
+
+    assert [name for name in imports if reaches(name, name, {name})] == []
+
+
 def root_files(repo_root: Path) -> list[Path]:
     """What a model directory takes from the root: its modules, tokenizer and processor files (not the 72B config)."""
     names = [*remote_code_files(), "processor_config.json", "tokenizer_config.json", "tokenizer.json"]

@@ -1,0 +1,1 @@
+nvlm_d/generation_nvlm_d.py
