@@ -5,7 +5,10 @@ The benchmarks' scaled NVLM-D (nvlm_d.tiny.BENCHMARK_SCALE: widths 256, 4 + 4 la
 152,064-token vocabulary) answers ChartQA-style items (NVLM's prompt, generated chart-like images of 1, 3, 5 and 7
 tiles at NVLM's 6 tiles + thumbnail, greedy, 16 new tokens) through `nvlm_d.evaluation.backends.HFBackend`, the
 code the lmms-eval model `nvlm_d` runs. Items/s is the median over --repeats (configurations interleaved, since a
-shared machine's speed drifts); the answers of every configuration must equal those of B = 1.
+shared machine's speed drifts); the answers of every configuration must equal those of B = 1. Beside it: CPU seconds
+per item (the process's CPU time, which other work on a shared machine inflates far less than the wall clock), and
+the shares of the wall time spent in the vision tower (per tile: batching cannot shorten it) and in the LM head (the
+152,064-token vocabulary, once per new token: batching shares its weight reads).
 
     python benchmarks/bench_eval.py [--items 16] [--batch-sizes 4 8] [--repeats 3] [--device cpu]
 """
@@ -13,6 +16,7 @@ shared machine's speed drifts); the answers of every configuration must equal th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -39,10 +43,37 @@ def make_items(count: int) -> list[Request]:
     return items
 
 
-def run(backend: HFBackend, items: list[Request]) -> tuple[float, list[str]]:
-    start = time.perf_counter()
+class ModuleClock:
+    """Wall time spent inside a module's forward calls, through forward hooks."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+        module.register_forward_pre_hook(self._start)
+        module.register_forward_hook(self._stop)
+
+    def _start(self, module: torch.nn.Module, inputs: object) -> None:
+        self._started = time.perf_counter()
+
+    def _stop(self, module: torch.nn.Module, inputs: object, output: object) -> None:
+        self.seconds += time.perf_counter() - self._started
+
+
+@dataclasses.dataclass
+class Measurement:
+    items_per_s: float
+    cpu_s_per_item: float
+    vision_share: float
+    lm_head_share: float
+    answers: list[str]
+
+
+def run(backend: HFBackend, items: list[Request], vision: ModuleClock, lm_head: ModuleClock) -> Measurement:
+    vision.seconds = lm_head.seconds = 0.0
+    start, cpu_start = time.perf_counter(), time.process_time()
     answers = backend.answer(items)
-    return len(items) / (time.perf_counter() - start), answers
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return Measurement(len(items) / wall, cpu / len(items), vision.seconds / wall, lm_head.seconds / wall, answers)
 
 
 def main() -> None:
@@ -58,21 +89,31 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     items = make_items(args.items)
     sizes = [1, *args.batch_sizes]
-    rates: dict[int, list[float]] = {size: [] for size in sizes}
-    answers: dict[int, list[str]] = {}
-    run(HFBackend(model, tokenizer, batch_size=max(sizes)), items[:2])  # warm-up
+    vision, lm_head = ModuleClock(model.vision_model), ModuleClock(model.language_model.get_output_embeddings())
+    runs: dict[int, list[Measurement]] = {size: [] for size in sizes}
+    run(HFBackend(model, tokenizer, batch_size=max(sizes)), items[:2], vision, lm_head)  # warm-up
     for _ in range(args.repeats):
         for size in sizes:
-            rate, answers[size] = run(HFBackend(model, tokenizer, batch_size=size), items)
-            rates[size].append(rate)
-    base = statistics.median(rates[1])
+            runs[size].append(run(HFBackend(model, tokenizer, batch_size=size), items, vision, lm_head))
+    base_rate = statistics.median(m.items_per_s for m in runs[1])
+    base_cpu = statistics.median(m.cpu_s_per_item for m in runs[1])
     print(f"{args.items} items, {args.device}, {torch.get_num_threads()} threads, repeats {args.repeats}")
-    print("| batch size | items/s (median) | runs | vs one at a time | answers equal to B=1 |")
-    print("|---:|---:|---|---:|---|")
+    print(
+        "| batch size | items/s (median) | runs | vs one at a time | CPU s/item | vs one at a time (CPU) "
+        "| vision tower | LM head | answers equal to B=1 |"
+    )
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---|")
     for size in sizes:
-        median = statistics.median(rates[size])
-        runs = ", ".join(f"{rate:.2f}" for rate in rates[size])
-        print(f"| {size} | {median:.2f} | {runs} | {median / base:.2f}x | {answers[size] == answers[1]} |")
+        rate = statistics.median(m.items_per_s for m in runs[size])
+        cpu = statistics.median(m.cpu_s_per_item for m in runs[size])
+        vision_share = statistics.median(m.vision_share for m in runs[size])
+        head_share = statistics.median(m.lm_head_share for m in runs[size])
+        listed = ", ".join(f"{m.items_per_s:.2f}" for m in runs[size])
+        equal = all(m.answers == runs[1][0].answers for m in runs[size])
+        print(
+            f"| {size} | {rate:.2f} | {listed} | {rate / base_rate:.2f}x | {cpu:.2f} | {base_cpu / cpu:.2f}x "
+            f"| {vision_share:.0%} | {head_share:.0%} | {equal} |"
+        )
 
 
 if __name__ == "__main__":
