@@ -4,11 +4,12 @@
 The benchmarks' scaled NVLM-D (nvlm_d.tiny.BENCHMARK_SCALE: widths 256, 4 + 4 layers, real 448 px tiles and the
 152,064-token vocabulary) answers ChartQA-style items (NVLM's prompt, generated chart-like images of 1, 3, 5 and 7
 tiles at NVLM's 6 tiles + thumbnail, greedy, 16 new tokens) through `nvlm_d.evaluation.backends.HFBackend`, the
-code the lmms-eval model `nvlm_d` runs. Items/s is the median over --repeats (configurations interleaved, since a
-shared machine's speed drifts); the answers of every configuration must equal those of B = 1. Beside it: CPU seconds
-per item (the process's CPU time, which other work on a shared machine inflates far less than the wall clock), and
-the shares of the wall time spent in the vision tower (per tile: batching cannot shorten it) and in the LM head (the
-152,064-token vocabulary, once per new token: batching shares its weight reads).
+code the lmms-eval model `nvlm_d` runs. Items/s is the median over --repeats; within each, the configurations take
+turns slice by slice (as many items as the largest batch), since a shared machine's speed drifts; the answers of
+every configuration must equal those of B = 1. Beside it: CPU seconds per item (the process's CPU time, which other
+work on a shared machine inflates less than the wall clock), and the shares of the wall time spent in the vision
+tower (per tile: batching cannot shorten it) and in the LM head (the 152,064-token vocabulary, once per new token:
+batching shares its weight reads).
 
     python benchmarks/bench_eval.py [--items 16] [--batch-sizes 4 8] [--repeats 3] [--device cpu]
 """
@@ -61,19 +62,47 @@ class ModuleClock:
 
 @dataclasses.dataclass
 class Measurement:
-    items_per_s: float
-    cpu_s_per_item: float
-    vision_share: float
-    lm_head_share: float
-    answers: list[str]
+    """One configuration's totals over one pass through the items."""
+
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    vision_s: float = 0.0
+    lm_head_s: float = 0.0
+    answers: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def items_per_s(self) -> float:
+        return len(self.answers) / self.wall_s
+
+    @property
+    def cpu_s_per_item(self) -> float:
+        return self.cpu_s / len(self.answers)
 
 
-def run(backend: HFBackend, items: list[Request], vision: ModuleClock, lm_head: ModuleClock) -> Measurement:
+def run_slice(
+    backend: HFBackend, items: list[Request], vision: ModuleClock, lm_head: ModuleClock, totals: Measurement
+) -> None:
     vision.seconds = lm_head.seconds = 0.0
     start, cpu_start = time.perf_counter(), time.process_time()
-    answers = backend.answer(items)
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    return Measurement(len(items) / wall, cpu / len(items), vision.seconds / wall, lm_head.seconds / wall, answers)
+    totals.answers.extend(backend.answer(items))
+    totals.wall_s += time.perf_counter() - start
+    totals.cpu_s += time.process_time() - cpu_start
+    totals.vision_s += vision.seconds
+    totals.lm_head_s += lm_head.seconds
+
+
+def one_pass(model, tokenizer, items, sizes, vision, lm_head) -> dict[int, Measurement]:
+    """Every configuration over all items, interleaved slice by slice (as many items as the largest batch, each
+    configuration on the same slice, the first of them rotating), so that a burst of other work on the machine
+    falls on all configurations alike."""
+    totals = {size: Measurement() for size in sizes}
+    slice_length = max(sizes)
+    for number, start in enumerate(range(0, len(items), slice_length)):
+        rotation = number % len(sizes)
+        for size in sizes[rotation:] + sizes[:rotation]:
+            backend = HFBackend(model, tokenizer, batch_size=size)
+            run_slice(backend, items[start : start + slice_length], vision, lm_head, totals[size])
+    return totals
 
 
 def main() -> None:
@@ -91,10 +120,10 @@ def main() -> None:
     sizes = [1, *args.batch_sizes]
     vision, lm_head = ModuleClock(model.vision_model), ModuleClock(model.language_model.get_output_embeddings())
     runs: dict[int, list[Measurement]] = {size: [] for size in sizes}
-    run(HFBackend(model, tokenizer, batch_size=max(sizes)), items[:2], vision, lm_head)  # warm-up
+    run_slice(HFBackend(model, tokenizer, batch_size=max(sizes)), items[:2], vision, lm_head, Measurement())  # warm-up
     for _ in range(args.repeats):
-        for size in sizes:
-            runs[size].append(run(HFBackend(model, tokenizer, batch_size=size), items, vision, lm_head))
+        for size, totals in one_pass(model, tokenizer, items, sizes, vision, lm_head).items():
+            runs[size].append(totals)
     base_rate = statistics.median(m.items_per_s for m in runs[1])
     base_cpu = statistics.median(m.cpu_s_per_item for m in runs[1])
     print(f"{args.items} items, {args.device}, {torch.get_num_threads()} threads, repeats {args.repeats}")
@@ -106,8 +135,8 @@ def main() -> None:
     for size in sizes:
         rate = statistics.median(m.items_per_s for m in runs[size])
         cpu = statistics.median(m.cpu_s_per_item for m in runs[size])
-        vision_share = statistics.median(m.vision_share for m in runs[size])
-        head_share = statistics.median(m.lm_head_share for m in runs[size])
+        vision_share = statistics.median(m.vision_s / m.wall_s for m in runs[size])
+        head_share = statistics.median(m.lm_head_s / m.wall_s for m in runs[size])
         listed = ", ".join(f"{m.items_per_s:.2f}" for m in runs[size])
         equal = all(m.answers == runs[1][0].answers for m in runs[size])
         print(
