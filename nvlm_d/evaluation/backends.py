@@ -78,6 +78,24 @@ def load_hf_model(path: str, placement: Placement, replica: int = 0) -> tuple[An
     return model, tokenizer
 
 
+def tile_count(image: Any, max_num: int = MAX_TILES) -> int:
+    """How many tiles `load_image(image, max_num=max_num)` makes of a PIL image (its grid, plus the thumbnail when
+    the grid has more than one tile), from its size alone: no pixel is decoded or resized."""
+    from ..image_tiling import select_grid
+
+    if not hasattr(image, "size") or not hasattr(image, "convert"):
+        raise TypeError(f"a request's images must be PIL images, got {type(image).__name__}")
+    columns, rows = select_grid(*image.size, max_num=max_num)
+    return columns * rows + (1 if columns * rows > 1 else 0)
+
+
+def request_cost(request: Request, max_num: int = MAX_TILES) -> tuple[int, int, int]:
+    """What a request costs the `hf` backend, as a sort key: its token limit (requests with different limits never
+    share a `batch_chat` call), its tiles (256 prompt tokens and a vision tower pass each), its prompt's length."""
+    tiles = sum(tile_count(image, max_num) for image in request.images)
+    return request.max_new_tokens, tiles, len(request.prompt)
+
+
 class HFBackend:
     """The package's model: each request's images tiled as NVLM evaluates (at most 6 tiles plus the thumbnail),
     answered `batch_size` at a time with `batch_chat`, greedy."""
@@ -90,10 +108,23 @@ class HFBackend:
         self.batch_size = batch_size
         self.max_num = max_num
 
+    def batches(self, requests: Sequence[Request]) -> list[list[int]]:
+        """The requests' indices in `batch_size` groups of similar cost (`request_cost`), costliest first.
+
+        As lmms-eval's own models sort by length: a batch of like requests pads less (its decode steps attend over,
+        and its KV cache holds, the longest row's length for every row), and the first batch is the largest, so an
+        out-of-memory error comes at once, not hours in. Greedy answers do not depend on their batch-mates, so the
+        order changes no answer."""
+        costs = [request_cost(request, self.max_num) for request in requests]
+        order = sorted(range(len(requests)), key=lambda index: costs[index], reverse=True)
+        return [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+
     def answer(self, requests: Sequence[Request]) -> list[str]:
-        answers: list[str] = []
-        for start in range(0, len(requests), self.batch_size):
-            answers.extend(self._answer_batch(requests[start : start + self.batch_size]))
+        """One answer per request, in request order (whatever order `batches` ran them in)."""
+        answers: list[str] = [""] * len(requests)
+        for batch in self.batches(requests):
+            for index, text in zip(batch, self._answer_batch([requests[index] for index in batch]), strict=True):
+                answers[index] = text
         return answers
 
     def _answer_batch(self, requests: Sequence[Request]) -> list[str]:
@@ -177,3 +208,8 @@ class OpenAIBackend:
             )
             answers.append(reply.choices[0].message.content or "")
         return answers
+
+    def batches(self, requests: Sequence[Request]) -> list[list[int]]:
+        """One request at a time, in request order (the server batches concurrent requests itself), so that each
+        answer is journaled as soon as it exists."""
+        return [[index] for index in range(len(requests))]

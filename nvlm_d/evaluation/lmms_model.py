@@ -25,6 +25,7 @@ from .runner import skip_filelock3_patch
 logger = logging.get_logger(__name__)
 
 MODEL_NAME = "nvlm_d"
+SORT_WINDOW_BATCHES = 4  # requests are sorted by cost within windows of this many batches (their images in memory)
 MANIFEST = ModelManifest(model_id=MODEL_NAME, simple_class_path="nvlm_d.evaluation.lmms_model.NVLMD")
 
 
@@ -111,7 +112,8 @@ class NVLMD(lmms):
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Answers in request order, with a progress bar (rate, ETA) per task. lmms-eval's `until` strings are
         ignored: NVLM stops at `<|im_end|>` and the task cuts the first line. Answers already in the journal are
-        reused; new ones are journaled a batch at a time."""
+        reused; new ones are journaled a batch at a time. Within windows of `SORT_WINDOW_BATCHES` batches the
+        backend runs like requests together (fewer padded positions); the answers keep the requests' order."""
         keys = [self._key(instance) for instance in requests]
         answers: list[str | None] = [self.journal.get(key) if self.journal else None for key in keys]
         by_task: dict[str, list[int]] = {}
@@ -122,15 +124,27 @@ class NVLMD(lmms):
             with tqdm(
                 total=len(indices), initial=len(indices) - len(todo), disable=self.rank != 0, desc=task, unit="item"
             ) as progress:
-                for start in range(0, len(todo), self.batch_size):
-                    chunk = todo[start : start + self.batch_size]
-                    new = self.backend.answer([self._request(requests[index]) for index in chunk])
-                    for index, answer in zip(chunk, new, strict=True):
-                        answers[index] = answer
-                    if self.journal:
-                        self.journal.add([(keys[index], answer) for index, answer in zip(chunk, new, strict=True)])
-                    progress.update(len(chunk))
+                window_size = self.batch_size * SORT_WINDOW_BATCHES
+                for start in range(0, len(todo), window_size):
+                    self._answer_window(requests, todo[start : start + window_size], keys, answers, progress)
         return [answer or "" for answer in answers]
+
+    def _answer_window(
+        self, requests: list[Instance], window: list[int], keys: list[str], answers: list[str | None], progress: Any
+    ) -> None:
+        """Answer the requests at `window` (indices into `requests`) in the backend's batches, which group requests
+        of similar cost (see `HFBackend.batches`); each answer lands at its request's index, and each batch's
+        answers are journaled as soon as they exist. A window's images are all in memory at once, so a window is a
+        few batches, not a task."""
+        window_requests = [self._request(requests[index]) for index in window]
+        for batch in self.backend.batches(window_requests):
+            new = self.backend.answer([window_requests[position] for position in batch])
+            done = [window[position] for position in batch]
+            for index, answer in zip(done, new, strict=True):
+                answers[index] = answer
+            if self.journal:
+                self.journal.add([(keys[index], answer) for index, answer in zip(done, new, strict=True)])
+            progress.update(len(batch))
 
     def _key(self, instance: Instance) -> str:
         context, gen_kwargs, _, doc_id, task, _ = instance.args
