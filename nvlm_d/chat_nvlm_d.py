@@ -266,6 +266,7 @@ class NVLMChatMixin:
         images = pixel_values if pixel_values is not None else visual_features
         per_row = images.split(tiles) if images is not None else [None] * len(rows)
         device = execution_device(self.get_input_embeddings())
+        no_positions = torch.empty(0, dtype=torch.long)  # only the cache is wanted: no LM head over the vocabulary
         caches = []
         for row, row_images in zip(rows, per_row, strict=True):
             cache = DynamicCache()
@@ -275,7 +276,7 @@ class NVLMChatMixin:
                 pixel_values=row_images if has_images and pixel_values is not None else None,
                 visual_features=row_images if has_images and pixel_values is None else None,
                 cache=cache,
-                logits_to_keep=1,
+                logits_to_keep=no_positions,
             )
             caches.append(cache)
         return _stack_left_padded(caches, max(len(row) for row in rows) - 1)

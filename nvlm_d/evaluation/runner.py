@@ -104,6 +104,22 @@ def import_lmms_eval() -> None:
     ImageFile.LOAD_TRUNCATED_IMAGES = tolerant
 
 
+def _process_group_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _destroy_process_group() -> None:
+    """Release the gloo group that lmms-eval opens for a data-parallel run and never closes: left to the
+    interpreter's exit, its threads were torn down mid-shutdown, and a rank that had written every result aborted
+    with "terminate called without an active exception" (SIGABRT, a failed torchrun)."""
+    import torch.distributed as dist
+
+    if _process_group_initialized():
+        dist.destroy_process_group()
+
+
 def run_evaluation(request: EvalRequest) -> list[Any] | None:
     """Run the chosen tasks and write the result files (rank 0). Returns the per-task results on rank 0, None on
     the other ranks of a data-parallel run.
@@ -128,17 +144,22 @@ def run_evaluation(request: EvalRequest) -> list[Any] | None:
     result_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(request, config.max_tiles, str(result_dir / "answers"))
     skip_filelock3_patch()
-    results = simple_evaluate(
-        model=model,
-        tasks=tasks,
-        limit=request.limit,
-        task_manager=task_manager,
-        log_samples=True,
-        batch_size=request.batch_size,
-        verbosity="WARNING",
-        bootstrap_iters=0,
-        distributed_executor_backend="torchrun",  # torch.distributed collectives (gloo) under torchrun and accelerate
-    )
+    group_was_there = _process_group_initialized()
+    try:
+        results = simple_evaluate(
+            model=model,
+            tasks=tasks,
+            limit=request.limit,
+            task_manager=task_manager,
+            log_samples=True,
+            batch_size=request.batch_size,
+            verbosity="WARNING",
+            bootstrap_iters=0,
+            distributed_executor_backend="torchrun",  # torch.distributed collectives (gloo) under torchrun, accelerate
+        )
+    finally:
+        if not group_was_there:
+            _destroy_process_group()
     if results is None:  # not rank 0
         return None
     settings = {
