@@ -62,9 +62,16 @@ def resolve_placement(gpus: int | None = None, device: str | None = None, dtype:
     return Placement(device_map, device, dtypes[dtype_name], f"{device}, {dtype_name}")
 
 
-def load_model(source: ModelSource, placement: Placement, gpus: int | None = None) -> tuple[Any, Any]:
+def load_model(
+    source: ModelSource,
+    placement: Placement,
+    gpus: int | None = None,
+    first_gpu: int = 0,
+    bits: int | None = None,
+) -> tuple[Any, Any]:
     """`AutoModel.from_pretrained(source.path, trust_remote_code=True, ...)` in eval mode, placed as `placement`
-    says (`gpus`: the GPU count of a SPLIT placement), and its tokenizer.
+    says (`gpus`: the GPU count of a SPLIT placement, over GPUs `first_gpu`.. so that data-parallel replicas each
+    take their own group), with the decoder quantized to `bits` 8 or 4 (bitsandbytes) if given, and its tokenizer.
 
     Raises:
         whatever transformers raises when the model or tokenizer cannot be loaded (OSError, ValueError, ...).
@@ -77,9 +84,14 @@ def load_model(source: ModelSource, placement: Placement, gpus: int | None = Non
         from .device_map import split_model
 
         config = AutoConfig.from_pretrained(source.path, **common)
-        kwargs["device_map"] = split_model(gpus, num_layers=config.llm_config.num_hidden_layers)
+        split = split_model(gpus, num_layers=config.llm_config.num_hidden_layers)
+        kwargs["device_map"] = {name: first_gpu + gpu for name, gpu in split.items()}
     elif placement.device_map is not None:
         kwargs["device_map"] = placement.device_map
+    if bits is not None:
+        from .quantization import bitsandbytes_config
+
+        kwargs["quantization_config"] = bitsandbytes_config(bits)
     if source.local_files_only:  # transformers 5.24 does not pass it on to its PEFT-adapter lookup, which
         kwargs["adapter_kwargs"] = {"local_files_only": True}  # would otherwise retry the Hub for ~23 s
     model = AutoModel.from_pretrained(source.path, **kwargs).eval()

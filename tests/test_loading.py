@@ -68,3 +68,31 @@ def test_a_directory_without_weights_is_a_one_line_load_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip().splitlines()[-1].startswith(f"nvlm-d: error: cannot load the model from {tmp_path}: ")
+
+
+def test_a_replica_takes_the_model_cards_split_over_its_own_gpus(tiny_checkpoint, monkeypatch):
+    """Data-parallel evaluation on 8 GPUs with 4 per replica: replica 1 loads onto GPUs 4-7 (the card's split,
+    shifted), quantized as asked; nothing is placed on replica 0's GPUs."""
+    import transformers
+
+    from nvlm_d.device_map import split_model
+    from nvlm_d.loading import Placement, load_model
+    from nvlm_d.model_source import ModelSource
+
+    asked = {}
+
+    class Loaded:
+        def eval(self):
+            return self
+
+    monkeypatch.setattr(
+        transformers.AutoModel, "from_pretrained", lambda path, **kwargs: asked.update(kwargs) or Loaded()
+    )
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda path, **kwargs: None)
+    placement = Placement(SPLIT, "cuda:4", torch.bfloat16, "4 GPU(s), bf16")
+    load_model(ModelSource(str(tiny_checkpoint)), placement, gpus=4, first_gpu=4, bits=4)
+    layers = json.loads((tiny_checkpoint / "config.json").read_text())["llm_config"]["num_hidden_layers"]
+    card_split = split_model(4, num_layers=layers)
+    assert asked["device_map"] == {name: gpu + 4 for name, gpu in card_split.items()}
+    assert set(asked["device_map"].values()) <= {4, 5, 6, 7}
+    assert asked["quantization_config"].load_in_4bit

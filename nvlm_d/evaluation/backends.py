@@ -38,44 +38,26 @@ class Placement:
     bits: int | None = None
 
 
-def replica_device_map(gpus: int, replica: int, num_layers: int) -> dict[str, int]:
-    """The card's layer split over this replica's own GPUs: 8 GPUs, 2 processes, `gpus=4` -> GPUs 0-3 and 4-7."""
-    from ..device_map import split_model
-
-    return {name: gpu + replica * gpus for name, gpu in split_model(gpus, num_layers=num_layers).items()}
-
-
 def load_hf_model(path: str, placement: Placement, replica: int = 0) -> tuple[Any, Any]:
-    """The model and tokenizer, as `AutoModel.from_pretrained(path, trust_remote_code=True)` with this placement."""
+    """The model and tokenizer, loaded as the other commands load them (`nvlm_d.loading`), on this replica's own
+    GPUs: 8 GPUs, 2 processes, `gpus=4` -> GPUs 0-3 and 4-7; one device per replica otherwise."""
     import torch
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if placement.dtype is not None and placement.dtype not in dtypes:
-        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {placement.dtype!r}")
-    kwargs: dict[str, Any] = {"trust_remote_code": True}
-    if placement.gpus is not None:
-        if torch.cuda.device_count() < (replica + 1) * placement.gpus:
-            raise ValueError(
-                f"replica {replica} needs GPUs {replica * placement.gpus}..{(replica + 1) * placement.gpus - 1}, "
-                f"but {torch.cuda.device_count()} are visible"
-            )
-        config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-        kwargs["device_map"] = replica_device_map(placement.gpus, replica, config.llm_config.num_hidden_layers)
-        dtype = placement.dtype or "bf16"
-    else:
-        device = placement.device or (f"cuda:{replica}" if torch.cuda.is_available() else "cpu")
-        if torch.device(device).type != "cpu":
-            kwargs["device_map"] = {"": device}
-        dtype = placement.dtype or ("fp32" if torch.device(device).type == "cpu" else "bf16")
-    if placement.bits is not None:
-        from ..quantization import bitsandbytes_config
+    from ..loading import load_model, resolve_placement
+    from ..model_source import ModelSource
 
-        kwargs["quantization_config"] = bitsandbytes_config(placement.bits)
-    kwargs["dtype"] = dtypes[dtype]
-    model = AutoModel.from_pretrained(path, **kwargs).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True, use_fast=False)
-    return model, tokenizer
+    device = placement.device
+    if placement.gpus is None and device is None:
+        device = f"cuda:{replica}" if torch.cuda.is_available() else "cpu"
+    resolved = resolve_placement(placement.gpus, device, placement.dtype)
+    if placement.gpus is not None and torch.cuda.device_count() < (replica + 1) * placement.gpus:
+        raise ValueError(
+            f"replica {replica} needs GPUs {replica * placement.gpus}..{(replica + 1) * placement.gpus - 1}, "
+            f"but {torch.cuda.device_count()} are visible"
+        )
+    return load_model(
+        ModelSource(path), resolved, placement.gpus, first_gpu=replica * (placement.gpus or 0), bits=placement.bits
+    )
 
 
 def tile_count(image: Any, max_num: int = MAX_TILES) -> int:
