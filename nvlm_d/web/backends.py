@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..conversation import IMAGE_PLACEHOLDER, get_conv_template
+from ..image_inputs import with_image_placeholders
 from .uploads import TiledUpload, UploadError, tile_uploads
 
 MAX_TILES_RANGE = (1, 12)
@@ -96,16 +97,6 @@ class Turn:
     complete: bool = False
 
 
-def question_with_placeholders(question: str, num_new: int, num_before: int) -> str:
-    """The question with one `<image>` per new image in front, unless it places its own: `<image>\\n` for the
-    conversation's only image (as `chat` adds it), numbered `Image-k: <image>\\n` lines once there are several."""
-    if num_new == 0 or IMAGE_PLACEHOLDER in question:
-        return question
-    if num_new == 1 and num_before == 0:
-        return f"{IMAGE_PLACEHOLDER}\n{question}"
-    return "".join(f"Image-{num_before + k + 1}: {IMAGE_PLACEHOLDER}\n" for k in range(num_new)) + question
-
-
 def _check_question(question: Any, images: Sequence[str]) -> str:
     if not isinstance(question, str) or not question.strip():
         raise UserFacingError("Type a question" + (" about the image." if images else "."))
@@ -147,7 +138,8 @@ class Conversation:
         (UserFacingError), then returns a generator of the answer so far, whose last value is the answer."""
         question = _check_question(question, image_paths)
         images = self._tile(image_paths, settings)
-        text = question_with_placeholders(question, len(images), self.num_images)
+        # One image alone gets `<image>\n` as `chat` adds it; once the conversation holds several, numbered lines.
+        text = with_image_placeholders(question, len(images), self.num_images + 1, label=self.num_images > 0)
         _check_placeholders(text, len(images))
         return self._run(Turn(question, images, text), settings, regenerate=False)
 
