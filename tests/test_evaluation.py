@@ -172,7 +172,7 @@ def test_an_evaluation_keeps_pillow_strict_about_truncated_images():
     interpreter: in this one, lmms-eval was imported long ago."""
     code = (
         "from PIL import ImageFile\n"
-        "from nvlm_d.evaluation.runner import import_lmms_eval\n"
+        "from nvlm_d.evaluation.lmms_compat import import_lmms_eval\n"
         "import_lmms_eval()\n"
         "import lmms_eval.api.task, lmms_eval.evaluator\n"
         "print(ImageFile.LOAD_TRUNCATED_IMAGES)\n"

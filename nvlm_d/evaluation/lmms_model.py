@@ -19,8 +19,8 @@ from transformers.utils import logging
 
 from .backends import BACKENDS, HFBackend, OpenAIBackend, Placement, Request, load_hf_model
 from .journal import AnswerJournal, answer_key
+from .lmms_compat import skip_filelock3_patch
 from .prompts import MAX_NEW_TOKENS, MAX_TILES
-from .runner import skip_filelock3_patch
 
 logger = logging.get_logger(__name__)
 
@@ -76,7 +76,7 @@ class NVLMD(lmms):
         **unused: Any,
     ) -> None:
         super().__init__()
-        skip_filelock3_patch()  # `python -m lmms_eval` would fail under filelock 4 (see runner.skip_filelock3_patch)
+        skip_filelock3_patch()  # `python -m lmms_eval` would fail under filelock 4 (see lmms_compat)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self._rank = int(os.environ.get("RANK", 0))

@@ -7,7 +7,7 @@ relative to the JSONL file's folder (or absolute). docs/evaluation.md lists the 
 `run_eval.py`/`nvlm-d eval` take the folder as `--data-dir`. lmms-eval's own command line (`python -m lmms_eval
 --model nvlm_d --tasks nvlm_chartqa ...`) has no option that changes a task's data source, so there the folder comes
 from the environment variable `NVLM_EVAL_DATA_DIR`: every `nvlm_*` task is a `LocalDataTask`, which reads it.
-Import this module after `runner.import_lmms_eval` (it imports lmms-eval's task module).
+Import this module after `lmms_compat.import_lmms_eval` (it imports lmms-eval's task module).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..model_source import RELEASED_MODEL
 from .config import load_config
+from .lmms_compat import import_lmms_eval, skip_filelock3_patch
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
@@ -73,35 +74,6 @@ def build_model(request: EvalRequest, max_tiles: int, journal_dir: str) -> Any:
         model=request.model,
         tokenizer=request.tokenizer,
     )
-
-
-def skip_filelock3_patch() -> None:
-    """lmms-eval 0.7.3's `simple_evaluate` first patches filelock 3's private `filelock._api` (re-entrant locks
-    for `datasets`; `evaluator._enable_reentrant_filelocks`); filelock 4, which current torch and huggingface_hub
-    environments carry, has no such module and the patch fails with ModuleNotFoundError. Mark the patch as applied in
-    that case only. Called before `simple_evaluate` here, and by the `nvlm_d` model's constructor for lmms-eval's own
-    command line (which builds the model before it applies the patch)."""
-    import importlib.util
-
-    from lmms_eval import evaluator
-
-    if importlib.util.find_spec("filelock._api") is None:
-        evaluator._enable_reentrant_filelocks._patched = True
-
-
-def import_lmms_eval() -> None:
-    """Import lmms-eval's task module, keeping Pillow strict about truncated images.
-
-    On its first import, `lmms_eval.api.task` turns on `ImageFile.LOAD_TRUNCATED_IMAGES` for the whole process, after
-    which a truncated benchmark image would load as a partly grey picture and silently score wrong. It stays an error
-    naming the file, as `load_image` makes it everywhere else: the setting is put back once the module is loaded (a
-    second import does not run that line again)."""
-    from PIL import ImageFile
-
-    tolerant = ImageFile.LOAD_TRUNCATED_IMAGES
-    import lmms_eval.api.task  # noqa: F401
-
-    ImageFile.LOAD_TRUNCATED_IMAGES = tolerant
 
 
 def _process_group_initialized() -> bool:
